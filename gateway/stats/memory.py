@@ -1,0 +1,178 @@
+"""The in-memory store: used when no REDIS_URL is set (one process, nothing shared).
+
+Records apply at once to the same bucketed windows, circuit state and usage sums the Redis
+store keeps, so both stores answer the same questions the same way; there is nothing to flush.
+Memory is bounded by the windows' retention (30 fine + 96 coarse buckets per route) and by the
+usage days kept (`usage_ttl_days`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from gateway.stats.base import (
+    Attempt,
+    RouteHealth,
+    StatsOptions,
+    Usage,
+    UsageTotals,
+    WindowStats,
+    check_usage_query,
+)
+from gateway.stats.circuit import CircuitDelta, CircuitState, build_health
+from gateway.stats.metrics import StatsMetrics
+from gateway.stats.usage import (
+    DAY_S,
+    UsageKey,
+    UsageVector,
+    add_into,
+    group,
+    usage_key,
+    usage_vector,
+    utc_day,
+)
+from gateway.stats.windows import FINE_S, WINDOWS, LazyWindows, RouteWindows, bucket_start
+
+logger = logging.getLogger("gateway.stats")
+MAX_ROUTES = 1024  # route ids come from the catalog; this only guards against a runaway caller
+EMPTY_WINDOWS = {name: WindowStats() for name in WINDOWS}
+_last_record_warning: float | None = None
+
+
+def warn_not_recorded(what: str, exc: Exception) -> None:
+    """At most one warning a minute: a caller stuck on bad input must not flood the logs (the
+    moegw_stats_record_errors_total counter has the full count)."""
+    global _last_record_warning
+    now = time.monotonic()
+    if _last_record_warning is None or now - _last_record_warning >= 60.0:
+        _last_record_warning = now
+        logger.warning("stats: %s not recorded: %s", what, exc)
+
+
+def event_time(at: float | None, clock: Callable[[], float]) -> float:
+    if at is None:
+        return clock()
+    if not math.isfinite(at):
+        raise ValueError("record time must be finite")
+    return float(at)
+
+
+def check_route(route_id: object) -> str:
+    if not isinstance(route_id, str) or not route_id:
+        raise ValueError("route_id must be a non-empty string")
+    return route_id
+
+
+class MemoryStats:
+    def __init__(
+        self,
+        options: StatsOptions | None = None,
+        *,
+        metrics: StatsMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options or StatsOptions()
+        self.metrics = metrics or StatsMetrics()
+        self._clock = clock
+        self._windows: dict[str, RouteWindows] = {}
+        self._circuits: dict[str, CircuitState] = {}
+        self._usage: dict[UsageKey, UsageVector] = {}
+        self._health_cache: dict[str, tuple[tuple[int, int, int], LazyWindows]] = {}
+        self._pruned_at = 0
+        self.metrics.bind_store(
+            pending=lambda: 0,
+            pending_entries=lambda: 0,
+            connected=lambda: True,
+            health=self.all_health,
+        )
+
+    # -- writes: synchronous, never raise ------------------------------------------------------
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        try:
+            route = check_route(attempt.route_id)
+            at = event_time(attempt.at, self._clock)
+            if route not in self._windows and len(self._windows) >= MAX_ROUTES:
+                raise ValueError("too many distinct routes")
+            self.metrics.observe_attempt(attempt)
+            self._windows.setdefault(route, RouteWindows()).add_attempt(attempt, at)
+            circuit = self._circuits.get(route, CircuitState())
+            self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
+            self._maybe_prune()
+        except Exception as exc:  # a stats bug must never fail a request
+            self.metrics.record_errors.inc()
+            warn_not_recorded("attempt", exc)
+
+    def record_usage(self, usage: Usage) -> None:
+        try:
+            check_route(usage.route_id)
+            at = event_time(usage.at, self._clock)
+            self.metrics.observe_usage(usage)
+            add_into(self._usage, usage_key(usage, at), usage_vector(usage))
+        except Exception as exc:
+            self.metrics.record_errors.inc()
+            warn_not_recorded("usage", exc)
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def route_health(self, route_id: str) -> RouteHealth:
+        now = self._clock()
+        windows = self._windows.get(route_id)
+        circuit = self._circuits.get(route_id, CircuitState())
+        if windows is None:
+            return build_health(route_id, EMPTY_WINDOWS, circuit, self.options, now)
+        stamp = (windows.version, bucket_start(now, FINE_S), bucket_start(now, WINDOWS["1d"][0]))
+        cached = self._health_cache.get(route_id)
+        if cached is None or cached[0] != stamp:
+            found: RouteWindows = windows  # the lambda needs the narrowed type
+            lazy = LazyWindows(lambda name: found.window(name, now).stats())
+            cached = self._health_cache[route_id] = (stamp, lazy)
+        return build_health(route_id, cached[1], circuit, self.options, now)
+
+    def all_health(self) -> list[RouteHealth]:
+        return [self.route_health(route) for route in sorted(self._windows)]
+
+    async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
+        check_usage_query(by, day)
+        day = day or utc_day(self._clock())
+        return group(((k, v) for k, v in self._usage.items() if k[0] == day), by)
+
+    # -- lifecycle: nothing to connect to -----------------------------------------------------
+
+    async def start(self) -> None:
+        return None
+
+    async def flush(self) -> None:
+        return None
+
+    async def refresh(self) -> None:
+        return None
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+    @property
+    def pending(self) -> int:
+        return 0
+
+    @property
+    def connected(self) -> bool:
+        return True
+
+    def _maybe_prune(self) -> None:
+        now = self._clock()
+        minute = bucket_start(now, FINE_S)
+        if minute == self._pruned_at:
+            return
+        self._pruned_at = minute
+        for windows in self._windows.values():
+            windows.prune(now)
+        oldest = utc_day(now - self.options.usage_ttl_days * DAY_S)
+        for key in [k for k in self._usage if k[0] < oldest]:
+            del self._usage[key]

@@ -1,0 +1,396 @@
+"""The Redis store: what several gateway processes share (REDIS_URL set).
+
+Hot path: `record_*` fold into the local buffer (pending.py) and return; no I/O. A background
+task ticks every `flush_interval_s`; each tick is ONE pipelined round trip holding
+    [EVALSHA apply-batch (when there is something to send)]  -- redis_batch.py, exactly once
+    [HGETALL of the buckets that batch touched, plus the recent (every refresh_interval_s) or
+     all (every full_refresh_s) buckets of every known route; HMGET of their circuit state;
+     SMEMBERS of the route set]
+Because the reads run after the script on the server, the snapshot they return already holds
+the batch, so the batch leaves the local overlay exactly when it enters the snapshot: health is
+never missing or double counting this process's records.
+
+Health = snapshot (what Redis said at the last tick) + overlay (the batch in flight and the
+buffer), so a process sees its own records at once and everyone's within ~refresh_interval_s.
+
+Redis down: ticks fail fast (socket timeouts), `connected` turns False, records keep folding
+into the bounded buffer and the in-flight batch is resent unchanged on each tick until Redis
+answers: nothing lost, nothing applied twice. An error *reply* to the batch (READONLY during a
+failover, OOM, a foreign key in our namespace) is retried the same way, and dropped with an
+error log once it has been rejected for GIVE_UP_REJECTED_S, so that a permanent error cannot
+wedge the channel. The script claims the sequence number before writing, so a script that
+failed half-way is acknowledged as a duplicate on the retry: partial, never double.
+aclose() flushes for up to close_timeout_s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import NoScriptError, RedisError
+
+from gateway.stats.base import (
+    Attempt,
+    RouteHealth,
+    StatsOptions,
+    StatsUnavailableError,
+    Usage,
+    UsageTotals,
+    WindowStats,
+    check_usage_query,
+)
+from gateway.stats.circuit import CircuitDelta, CircuitState, build_health
+from gateway.stats.memory import check_route, event_time, warn_not_recorded
+from gateway.stats.metrics import StatsMetrics
+from gateway.stats.pending import PendingDeltas
+from gateway.stats.redis_batch import APPLY_BATCH_LUA, APPLY_BATCH_SHA, KeySpace, SealedBatch, seal
+from gateway.stats.snapshot import ReadScope, Snapshot
+from gateway.stats.usage import add_into, decode_fields, group, utc_day
+from gateway.stats.windows import (
+    FINE_S,
+    WINDOWS,
+    LazyWindows,
+    bucket_start,
+    in_window,
+    window_stats,
+)
+
+logger = logging.getLogger("gateway.stats")
+_IO_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+GIVE_UP_REJECTED_S = 60.0
+
+
+class RedisStats:
+    def __init__(
+        self,
+        redis_url: str,
+        options: StatsOptions | None = None,
+        *,
+        metrics: StatsMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.options = options or StatsOptions()
+        self.metrics = metrics or StatsMetrics()
+        self._clock = clock
+        self._redis = aioredis.Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_timeout=self.options.socket_timeout_s,
+            socket_connect_timeout=self.options.socket_timeout_s,
+            retry=Retry(NoBackoff(), 0),  # our ticks are the retries; a batch is resent as is
+        )
+        self._keys = KeySpace(self.options.prefix)
+        self.writer_id = uuid.uuid4().hex
+        self._seq = 0
+        self._pending = PendingDeltas()
+        self._sealed: SealedBatch | None = None
+        self._snapshot = Snapshot(self._keys)
+        self._overlay_gen = 0  # bumps on every seal and ack: health caches key on it ...
+        self._route_gen: dict[str, int] = {}  # ... and on every record of the route
+        self._health_cache: dict[str, tuple[tuple[int, ...], LazyWindows]] = {}
+        self._lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._send_script_body = False
+        self._rejected_since: float | None = None
+        self._connected = False
+        self._pruned_minute = 0
+        self.dropped_samples = 0
+        self.metrics.bind_store(
+            pending=lambda: self.pending,
+            pending_entries=lambda: self.pending_entries,
+            connected=lambda: self._connected,
+            health=self.all_health,
+        )
+
+    # -- writes: synchronous, never raise, no I/O ---------------------------------------------
+
+    def record_attempt(self, attempt: Attempt) -> None:
+        try:
+            route = check_route(attempt.route_id)
+            at = event_time(attempt.at, self._clock)
+            if not self._snapshot.know(route):
+                raise ValueError("too many distinct routes")
+            self.metrics.observe_attempt(attempt)
+            self._pending.add_attempt(attempt, at, with_samples=self._room_for_samples())
+            self._route_gen[route] = self._route_gen.get(route, 0) + 1
+        except Exception as exc:  # a stats bug must never fail a request
+            self.metrics.record_errors.inc()
+            warn_not_recorded("attempt", exc)
+
+    def record_usage(self, usage: Usage) -> None:
+        try:
+            check_route(usage.route_id)
+            at = event_time(usage.at, self._clock)
+            self.metrics.observe_usage(usage)
+            self._pending.add_usage(usage, at)
+        except Exception as exc:
+            self.metrics.record_errors.inc()
+            warn_not_recorded("usage", exc)
+
+    def _room_for_samples(self) -> bool:
+        if self.pending_entries < self.options.max_pending:
+            return True
+        now = self._clock()
+        minute = bucket_start(now, FINE_S)
+        if minute != self._pruned_minute:  # pruning walks the buffer: at most once a minute
+            self._pruned_minute = minute
+            self._pending.prune(now)
+            if self.pending_entries < self.options.max_pending:
+                return True
+        self.dropped_samples += 1
+        self.metrics.dropped_samples.inc()
+        return False
+
+    @property
+    def pending(self) -> int:
+        return self._pending.records + (self._sealed.deltas.records if self._sealed else 0)
+
+    @property
+    def pending_entries(self) -> int:
+        return self._pending.entries + (self._sealed.deltas.entries if self._sealed else 0)
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    # -- reads ---------------------------------------------------------------------------------
+
+    def route_health(self, route_id: str) -> RouteHealth:
+        now = self._clock()
+        if isinstance(route_id, str) and route_id:
+            self._snapshot.know(route_id)  # so refreshes fetch what other processes recorded
+        circuit = self._snapshot.circuits.get(route_id, CircuitState())
+        for deltas in self._overlays():
+            circuit = circuit.apply(deltas.circuits.get(route_id, CircuitDelta()))
+        snapshot = self._snapshot.windows.get(route_id)
+        stamp = (
+            snapshot.version if snapshot else -1,
+            self._overlay_gen,
+            self._route_gen.get(route_id, 0),
+            bucket_start(now, FINE_S),
+            bucket_start(now, WINDOWS["1d"][0]),
+        )
+        cached = self._health_cache.get(route_id)
+        if cached is None or cached[0] != stamp:
+            lazy = LazyWindows(lambda name: self._window_stats(route_id, name, now))
+            cached = (stamp, lazy)
+            if route_id in self._snapshot.routes:  # bounded: only routes we track
+                self._health_cache[route_id] = cached
+        return build_health(route_id, cached[1], circuit, self.options, now)
+
+    def _overlays(self) -> list[PendingDeltas]:
+        """What this process recorded that the snapshot does not hold yet."""
+        return [self._sealed.deltas, self._pending] if self._sealed else [self._pending]
+
+    def _window_stats(self, route_id: str, name: str, now: float) -> WindowStats:
+        snapshot = self._snapshot.windows.get(route_id)
+        parts = [snapshot.window(name, now)] if snapshot else []
+        for deltas in self._overlays():
+            buckets = deltas.windows.get(route_id, {})
+            parts += [bucket for key, bucket in buckets.items() if in_window(key, name, now)]
+        return window_stats(parts)
+
+    def all_health(self) -> list[RouteHealth]:
+        return [self.route_health(route) for route in sorted(self._snapshot.routes)]
+
+    async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
+        """Redis's totals plus this process's records Redis does not hold yet."""
+        check_usage_query(by, day)
+        day = day or utc_day(self._clock())
+        async with self._lock:
+            sealed = self._sealed
+            for attempt in range(2):  # the first use of a pooled connection may find it stale
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.hgetall(self._keys.usage(day))
+                pipe.get(self._keys.writer(self.writer_id))
+                try:
+                    fields, applied = await pipe.execute(raise_on_error=False)
+                    break
+                except _IO_ERRORS as exc:
+                    self._mark(False, exc)
+                    if attempt:
+                        message = "usage totals are unavailable: Redis is down"
+                        raise StatsUnavailableError(message) from exc
+            if isinstance(fields, Exception):
+                raise StatsUnavailableError("usage totals are unavailable: Redis refused the read")
+            if isinstance(applied, Exception):
+                applied = None  # a foreign value under our writer key: the batch did not apply
+            entries = decode_fields(fields)
+            local = [self._pending] + ([sealed.deltas] if sealed else [])
+            if sealed and applied is not None and int(applied) >= sealed.seq:
+                local.pop()  # its reply was lost, but Redis holds it already
+            for deltas in local:
+                for (d, route, model, client), vector in deltas.usage.items():
+                    if d == day:
+                        add_into(entries, ("", route, model, client), vector)
+        return group(entries.items(), by)
+
+    # -- background ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Loads a first snapshot (bounded wait: a dead Redis must not hold up start-up), then
+        starts the background task."""
+        if self._task is None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.options.socket_timeout_s):
+                    await self.refresh()
+            self._task = asyncio.create_task(self._run(), name="stats-flush")
+
+    async def flush(self) -> None:
+        for _ in range(4):  # records may keep arriving; a bounded number of rounds suffices
+            if not self.pending:
+                return
+            if not await self._tick("touched"):
+                return
+
+    async def refresh(self) -> None:
+        await self._tick("full", complete=True)
+
+    async def ping(self) -> bool:
+        for attempt in range(2):  # the first use of a pooled connection may find it stale
+            try:
+                ok = bool(await self._redis.ping())
+            except _IO_ERRORS as exc:
+                self._mark(False, exc)
+                if attempt:
+                    return False
+            else:
+                self._mark(True)
+                return ok
+        return False
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.options.close_timeout_s):
+                while True:
+                    await self.flush()
+                    if not self.pending:
+                        break
+                    await asyncio.sleep(min(0.2, self.options.flush_interval_s))
+        if self.pending:
+            logger.warning("stats: closing with %d records not persisted", self.pending)
+        await self._redis.aclose()
+
+    async def _run(self) -> None:
+        period = self.options.flush_interval_s
+        loop = asyncio.get_running_loop()
+        next_refresh = loop.time() + self.options.refresh_interval_s
+        next_full = loop.time() + self.options.full_refresh_s
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            scope: ReadScope = "touched"
+            if now >= next_full:
+                scope = "full"
+            elif now >= next_refresh:
+                scope = "recent"
+            try:
+                ok = await self._tick(scope)
+            except Exception:  # keep the side channel alive whatever happens
+                logger.exception("stats: flush tick failed")
+                continue
+            if ok and scope != "touched":
+                next_refresh = now + self.options.refresh_interval_s
+                if scope == "full":
+                    next_full = now + self.options.full_refresh_s
+
+    async def _tick(self, scope: ReadScope, *, complete: bool = False) -> bool:
+        """One round trip: send the batch, sealing the buffer if none is in flight, and read
+        back. False when Redis did not answer twice in a row (one immediate retry: after a
+        Redis restart the first use of a pooled connection fails). Never raises on I/O errors.
+        complete: read again when the read named routes this process did not know."""
+        async with self._lock:
+            errors = 0
+            for _ in range(4):
+                outcome = await self._tick_locked(scope)
+                if outcome == "rejected":
+                    return False
+                if outcome == "error":
+                    errors += 1
+                    if errors == 2:
+                        return False
+                elif outcome == "ok" or (outcome == "learned" and not complete):
+                    return True
+            return True
+
+    async def _tick_locked(self, scope: ReadScope) -> str:
+        now = self._clock()
+        if self._sealed is None and not self._pending.empty:
+            self._seq += 1
+            self._sealed = seal(
+                self._pending,
+                space=self._keys,
+                writer_id=self.writer_id,
+                seq=self._seq,
+                writer_ttl_s=self.options.writer_ttl_s,
+                usage_ttl_days=self.options.usage_ttl_days,
+                now=now,
+            )
+            self._pending = PendingDeltas()
+            self._overlay_gen += 1
+        batch = self._sealed
+        plan = self._snapshot.plan(batch.deltas.touched() if batch else {}, scope, now)
+        if batch is None and plan.empty:
+            return "ok"
+        pipe = self._redis.pipeline(transaction=False)
+        if batch is not None:
+            if self._send_script_body:  # after NOSCRIPT (a restarted Redis): EVAL caches it
+                pipe.eval(APPLY_BATCH_LUA, len(batch.keys), *batch.keys, *batch.args)
+            else:
+                pipe.evalsha(APPLY_BATCH_SHA, len(batch.keys), *batch.keys, *batch.args)
+        self._snapshot.queue_reads(pipe, plan)
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        except _IO_ERRORS as exc:
+            self._mark(False, exc)
+            self.metrics.flushes.labels("error").inc()
+            return "error"
+        self._mark(True)
+        if batch is not None:
+            reply = replies.pop(0)
+            if isinstance(reply, NoScriptError):  # nothing ran, the reads are stale: redo
+                self._send_script_body = True
+                return "noscript"
+            self._send_script_body = False
+            if isinstance(reply, Exception):
+                self.metrics.flushes.labels("rejected").inc()
+                if self._rejected_since is None:
+                    self._rejected_since = now
+                if now - self._rejected_since < GIVE_UP_REJECTED_S:
+                    logger.warning("stats: batch %d rejected, will retry: %s", batch.seq, reply)
+                    self._snapshot.absorb(plan, replies, now)
+                    return "rejected"
+                logger.error("stats: batch %d rejected for a minute, dropped: %s", batch.seq, reply)
+            else:
+                self.metrics.flushes.labels("ok" if reply == 1 else "duplicate").inc()
+            self._rejected_since = None
+            self._sealed = None
+            self._overlay_gen += 1
+        learned = self._snapshot.absorb(plan, replies, now)
+        return "learned" if learned else "ok"
+
+    def _mark(self, connected: bool, error: BaseException | None = None) -> None:
+        if connected != self._connected:
+            if connected:
+                logger.info("stats: Redis reachable; %d records pending", self.pending)
+            else:
+                logger.warning(
+                    "stats: Redis unreachable (%s); %d records pending locally",
+                    type(error).__name__,
+                    self.pending,
+                )
+        self._connected = connected
