@@ -1,0 +1,268 @@
+"""`/admin`: the operators' dashboard and the run-time price overrides.
+
+Enabled only when GATEWAY_ADMIN_TOKEN is set; otherwise every /admin path answers 404, as if
+it did not exist. A caller proves it knows the token with `Authorization: Bearer <token>` or
+with the session cookie the login form sets: `<expiry>.<HMAC-SHA256(token, expiry)>`, so the
+cookie is not the token, works on every replica, and dies when the token changes. The cookie
+is HttpOnly, SameSite=Strict (no cross-site form posts ride on it) and Secure under https.
+
+    GET    /admin                        the dashboard (HTML), or the login form (401)
+    POST   /admin/login                  form: token  -> cookie, 303 to /admin
+    POST   /admin/logout                 drops the cookie
+    POST   /admin/prices                 form: route_id, input, output, action=set|clear
+    GET    /admin/api/dashboard          the dashboard's data (JSON)
+    GET    /admin/api/prices             {"overrides": {route_id: {input, output, set_at}}}
+    POST   /admin/api/prices             JSON {route_id, input, output} -> the override
+    DELETE /admin/api/prices/{route_id}  back to the catalog price
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+
+from gateway.api.admin_page import dashboard_data, dashboard_page, login_page
+from gateway.api.state import GatewayState, get_state
+from gateway.errors import (
+    AuthenticationFailed,
+    GatewayError,
+    InvalidRequest,
+    PayloadTooLarge,
+    render_error,
+)
+
+router = APIRouter(prefix="/admin")
+
+COOKIE = "gw_admin"
+SESSION_S = 12 * 3600
+MAX_FORM_BYTES = 16 * 1024
+
+
+class _Denied(Exception):
+    def __init__(self, response: Response):
+        self.response = response
+
+
+def _not_found() -> JSONResponse:
+    body = {"error": {"message": "not found", "type": "invalid_request_error", "code": None}}
+    return JSONResponse(body, status_code=404)
+
+
+def _session_mac(token: str, expires: int) -> str:
+    return hmac.new(token.encode(), f"admin-session:{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def session_cookie(token: str, now: float | None = None) -> str:
+    expires = int((now if now is not None else time.time()) + SESSION_S)
+    return f"{expires}.{_session_mac(token, expires)}"
+
+
+def _valid_cookie(token: str, value: str) -> bool:
+    expires_text, _, mac = value.partition(".")
+    if not expires_text.isdigit() or int(expires_text) < time.time():
+        return False
+    return hmac.compare_digest(mac.encode(), _session_mac(token, int(expires_text)).encode())
+
+
+def _token(state: GatewayState) -> str | None:
+    secret = state.settings.gateway_admin_token
+    value = secret.get_secret_value() if secret is not None else ""
+    return value or None
+
+
+def _authorized(request: Request, token: str) -> bool:
+    scheme, _, credential = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(
+        credential.strip().encode(), token.encode()
+    ):
+        return True
+    cookie = request.cookies.get(COOKIE)
+    return cookie is not None and _valid_cookie(token, cookie)
+
+
+def _same_origin(request: Request) -> bool:
+    """A browser form post must come from this site (SameSite already stops most others)."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True  # not a browser, or one that sends no Origin on same-site posts
+    if origin == "null":
+        return False
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+def _admin(request: Request, *, html: bool) -> tuple[GatewayState, str]:
+    """The state and the admin token, or _Denied with 404 (disabled) / 401 (not signed in)."""
+    state = get_state(request)
+    token = _token(state)
+    if token is None:
+        raise _Denied(_not_found())
+    if not _authorized(request, token):
+        if html:
+            raise _Denied(HTMLResponse(login_page(), status_code=401))
+        raise _Denied(render_error(AuthenticationFailed("admin token required")))
+    return state, token
+
+
+async def _read_body(request: Request) -> bytes:
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_FORM_BYTES:
+            raise PayloadTooLarge("admin request body too large")
+    return body
+
+
+async def _form(request: Request) -> dict[str, str]:
+    fields = parse_qs((await _read_body(request)).decode("utf-8", "replace"))
+    return {name: values[-1] for name, values in fields.items()}
+
+
+def _number(value: object, name: str) -> object:
+    """Form fields arrive as text; JSON numbers pass through for PriceBook to check."""
+    if isinstance(value, str):
+        try:
+            return float(value.strip())
+        except ValueError:
+            raise InvalidRequest(f"{name} must be a number", param=name) from None
+    return value
+
+
+@router.get("", response_class=HTMLResponse, response_model=None)
+async def dashboard(request: Request) -> Response:
+    try:
+        state, _ = _admin(request, html=True)
+    except _Denied as denied:
+        return denied.response
+    data = await dashboard_data(state)
+    return HTMLResponse(dashboard_page(data, state.settings.secrets()))
+
+
+@router.post("/login", response_model=None)
+async def login(request: Request) -> Response:
+    state = get_state(request)
+    token = _token(state)
+    if token is None:
+        return _not_found()
+    try:
+        given = (await _form(request)).get("token", "")
+    except PayloadTooLarge as exc:
+        return render_error(exc)
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        return HTMLResponse(login_page("wrong token"), status_code=401)
+    response = RedirectResponse("/admin", status_code=303)
+    response.set_cookie(
+        COOKIE,
+        session_cookie(token),
+        max_age=SESSION_S,
+        path="/admin",
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+    )
+    return response
+
+
+@router.post("/logout", response_model=None)
+async def logout(request: Request) -> Response:
+    if _token(get_state(request)) is None:
+        return _not_found()
+    response = RedirectResponse("/admin", status_code=303)
+    response.delete_cookie(COOKIE, path="/admin")
+    return response
+
+
+@router.post("/prices", response_model=None)
+async def set_price_form(request: Request) -> Response:
+    try:
+        state, _ = _admin(request, html=True)
+    except _Denied as denied:
+        return denied.response
+    if not _same_origin(request):
+        return HTMLResponse("cross-site form post refused", status_code=403)
+    try:
+        form = await _form(request)
+        route_id = form.get("route_id", "")
+        if form.get("action") == "clear":
+            await state.prices.clear(route_id)
+        else:
+            inp = _number(form.get("input", ""), "input")
+            out = _number(form.get("output", ""), "output")
+            await state.prices.set(route_id, inp, out)
+    except GatewayError as exc:
+        data = await dashboard_data(state)
+        page = dashboard_page(data, state.settings.secrets(), notice=exc.message)
+        return HTMLResponse(page, status_code=exc.status)
+    return RedirectResponse("/admin", status_code=303)
+
+
+@router.get("/api/dashboard", response_model=None)
+async def dashboard_json(request: Request) -> Response | dict[str, Any]:
+    try:
+        state, _ = _admin(request, html=False)
+    except _Denied as denied:
+        return denied.response
+    return await dashboard_data(state)
+
+
+def _override_json(state: GatewayState) -> dict[str, Any]:
+    return {
+        "shared": state.prices.shared,
+        "overrides": {
+            route_id: {"input": o.input, "output": o.output, "set_at": o.set_at}
+            for route_id, o in sorted(state.prices.overrides().items())
+        },
+    }
+
+
+@router.get("/api/prices", response_model=None)
+async def list_prices(request: Request) -> Response | dict[str, Any]:
+    try:
+        state, _ = _admin(request, html=False)
+    except _Denied as denied:
+        return denied.response
+    return _override_json(state)
+
+
+@router.post("/api/prices", response_model=None)
+async def set_price(request: Request) -> Response | dict[str, Any]:
+    try:
+        state, _ = _admin(request, html=False)
+        payload = json.loads(await _read_body(request) or b"null")
+        if not isinstance(payload, dict):
+            raise InvalidRequest("body must be a JSON object {route_id, input, output}")
+        override = await state.prices.set(
+            payload.get("route_id"),
+            _number(payload.get("input"), "input"),
+            _number(payload.get("output"), "output"),
+        )
+    except _Denied as denied:
+        return denied.response
+    except json.JSONDecodeError:
+        return render_error(InvalidRequest("body must be JSON"))
+    except GatewayError as exc:
+        return render_error(exc)
+    return {
+        "route_id": override.route_id,
+        "input": override.input,
+        "output": override.output,
+        "set_at": override.set_at,
+    }
+
+
+@router.delete("/api/prices/{route_id:path}", response_model=None)
+async def clear_price(route_id: str, request: Request) -> Response | dict[str, Any]:
+    try:
+        state, _ = _admin(request, html=False)
+        cleared = await state.prices.clear(route_id)
+    except _Denied as denied:
+        return denied.response
+    except GatewayError as exc:
+        return render_error(exc)
+    return {"route_id": route_id, "cleared": cleared}
