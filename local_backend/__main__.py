@@ -1,0 +1,120 @@
+"""Command line of the local backend.
+
+    python -m local_backend serve --model-dir DIR [--device cuda] [--dtype bfloat16]
+        [--host 127.0.0.1] [--port 8001] [--model-name NAME] [--max-slots 8]
+        [--max-seq-len 4096] [--queue-size 64] [--weight-format bf16|int8|int4]
+        [--kernels triton|torch] [--chat-format vicuna|mistral_v3] [--cpu-threads N]
+    python -m local_backend plan --model-dir DIR [--device ...] [--dtype ...] [...]
+
+`serve` checks the memory plan first (a model that cannot fit exits with the arithmetic, code
+2), then answers /livez at once and /readyz once the weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import torch
+
+from local_backend import memory_plan
+from local_backend.config import ConfigError, ModelConfig
+from local_backend.loader import (
+    DEFAULT_MAX_SEQ_LEN,
+    DTYPES,
+    default_device,
+    default_dtype,
+    load_service,
+    plan_memory,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m local_backend")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("serve", "serve the OpenAI API"), ("plan", "print the memory plan")):
+        cmd = commands.add_parser(name, help=text)
+        cmd.add_argument("--model-dir", required=True, type=Path, help="Hugging Face folder")
+        cmd.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if any)")
+        cmd.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+        cmd.add_argument("--max-slots", type=int, default=8, help="concurrent sequences")
+        cmd.add_argument("--max-seq-len", type=int, default=None, help="tokens per sequence")
+        cmd.add_argument("--weight-format", choices=sorted(memory_plan.FORMATS), default=None)
+        if name == "serve":
+            cmd.add_argument("--host", default="127.0.0.1")
+            cmd.add_argument("--port", type=int, default=8001)
+            cmd.add_argument("--model-name", default=None, help="served name (default: folder)")
+            cmd.add_argument("--queue-size", type=int, default=64, help="waiting requests")
+            cmd.add_argument("--kernels", choices=("triton", "torch"), default=None)
+            cmd.add_argument("--chat-format", choices=("vicuna", "mistral_v3"), default=None)
+            cmd.add_argument("--cpu-threads", type=int, default=None, help="torch CPU threads")
+            cmd.add_argument("--log-level", default="info")
+    return parser
+
+
+def check_plan(args: argparse.Namespace) -> memory_plan.MemoryPlan:
+    """The plan for the asked model/device/dtype/context; exits with code 2 if it cannot fit."""
+    config = ModelConfig.from_model_dir(args.model_dir)
+    device = torch.device(args.device or default_device())
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
+    seq_len = min(args.max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
+    if device.type == "cuda" or args.weight_format:
+        try:
+            plan = memory_plan.choose_format(
+                config, device, override=args.weight_format, max_seq_len=seq_len,
+                max_slots=args.max_slots,
+            )  # fmt: skip
+        except memory_plan.DoesNotFitError as exc:
+            raise SystemExit(f"error: {exc}") from None
+    else:
+        plan = plan_memory(config, device, dtype, seq_len, args.max_slots)
+    print(f"{config.name} on {device}: {plan.reason}", file=sys.stderr)
+    if not plan.fits:
+        raise SystemExit(2)
+    return plan
+
+
+def serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from local_backend.server import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s %(message)s")
+    check_plan(args)
+    if args.cpu_threads:
+        torch.set_num_threads(args.cpu_threads)
+    model_name = args.model_name or args.model_dir.name
+
+    def loader():  # type: ignore[no-untyped-def]
+        return load_service(
+            args.model_dir,
+            device=args.device,
+            dtype=DTYPES[args.dtype] if args.dtype else None,
+            model_name=model_name,
+            max_slots=args.max_slots,
+            max_seq_len=args.max_seq_len,
+            queue_size=args.queue_size,
+            weight_format=args.weight_format,
+            kernel_backend=args.kernels,
+            chat_format=args.chat_format,
+        )
+
+    app = create_app(loader=loader, model_name=model_name)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "plan":
+            check_plan(args)
+        else:
+            serve(args)
+    except ConfigError as exc:
+        raise SystemExit(f"error: {exc}") from None
+
+
+if __name__ == "__main__":
+    main()
