@@ -1,0 +1,243 @@
+"""Decode attention over the static KV cache: grouped-query, split over the sequence
+(flash-decoding), per-sequence lengths.
+
+At decode each sequence has one query per head, so a program per (sequence, head) would leave
+an H100 idle at batch 1 (8 KV heads = 8 programs) and would read each K/V row once per query
+head. Instead:
+- one program handles one KV head and *all* its query heads (6 at 8x22B, padded to 16 rows
+  so scores are a tensor-core dot), so each K/V row is read from HBM once;
+- the sequence is cut into splits, one program each (grid: sequences x KV heads x splits),
+  each writing a partial output and its log-sum-exp; a second kernel merges the splits.
+Split count and size depend only on static shapes (batch, cache length, SM count), so the
+launch is CUDA-graph safe; splits past a sequence's length return at once.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .runtime import (
+    HAS_TRITON,
+    cdiv,
+    check_device,
+    interpreting,
+    next_power_of_2,
+    sm_count,
+    tl,
+    triton,
+)
+
+BLOCK_N = 64  # keys per inner step: [16, 128] x [128, 64] dots, a 16 KB bf16 K tile
+MIN_SPLIT = 256  # below this a split costs more in merge traffic than it wins in parallelism
+
+
+def choose_num_splits(batch: int, n_kv_heads: int, max_len: int, device: torch.device) -> int:
+    """Enough (sequence, KV head, split) programs to fill the GPU about twice over."""
+    programs = batch * n_kv_heads
+    wanted = cdiv(2 * sm_count(device), programs)
+    return max(1, min(wanted, cdiv(max_len, MIN_SPLIT)))
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _decode_split_kernel(
+        q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, lse_ptr,
+        sm_scale_log2, split_len,
+        stride_qb, stride_qh,
+        stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
+        stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
+        GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr,
+        BLOCK_N: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):  # fmt: skip
+        """Partial attention of one split. Grid: (B, Hkv, splits)."""
+        seq = tl.program_id(0).to(tl.int64)
+        kv_head = tl.program_id(1).to(tl.int64)
+        split = tl.program_id(2)
+        length = tl.load(lens_ptr + seq)
+        start = split * split_len
+        end = tl.minimum(length, start + split_len)
+        heads = kv_head * GROUP + tl.arange(0, BLOCK_H)  # the query heads sharing this KV head
+        head_mask = tl.arange(0, BLOCK_H) < GROUP
+        dims = tl.arange(0, HEAD_DIM)
+        lse_ptrs = lse_ptr + seq * stride_lb + heads * stride_lh + split
+        out_ptrs = (
+            out_ptr + seq * stride_ob + heads[:, None] * stride_oh + split * stride_os
+            + dims[None, :]
+        )  # fmt: skip
+        if start >= end:  # nothing of this sequence in this split: a neutral partial
+            tl.store(lse_ptrs, tl.full((BLOCK_H,), float("-inf"), tl.float32), mask=head_mask)
+            tl.store(out_ptrs, tl.zeros((BLOCK_H, HEAD_DIM), tl.float32), mask=head_mask[:, None])
+            return
+
+        q = tl.load(
+            q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
+            mask=head_mask[:, None], other=0.0,
+        )  # fmt: skip
+        slot = tl.load(slots_ptr + seq).to(tl.int64)
+        k_base = k_ptr + slot * stride_ks + kv_head * stride_kh
+        v_base = v_ptr + slot * stride_vs + kv_head * stride_vh
+        row_max = tl.full((BLOCK_H,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_H,), tl.float32)
+        acc = tl.zeros((BLOCK_H, HEAD_DIM), tl.float32)
+        for block_start in range(start, end, BLOCK_N):
+            positions = block_start + tl.arange(0, BLOCK_N)
+            pos_mask = positions < end
+            keys = tl.load(
+                k_base + positions[:, None] * stride_kl + dims[None, :],
+                mask=pos_mask[:, None], other=0.0,
+            )  # fmt: skip
+            values = tl.load(
+                v_base + positions[:, None] * stride_vl + dims[None, :],
+                mask=pos_mask[:, None], other=0.0,
+            )  # fmt: skip
+            if DOT_FP32:
+                scores = tl.dot(q.to(tl.float32), tl.trans(keys.to(tl.float32)))
+            else:  # a cache kept in another dtype than the activations is cast on the fly
+                scores = tl.dot(q, tl.trans(keys.to(q.dtype)))
+            scores = tl.where(pos_mask[None, :], scores * sm_scale_log2, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(scores, axis=1))  # finite: >= 1 valid key
+            correction = tl.exp2(row_max - new_max)
+            probs = tl.exp2(scores - new_max[:, None])  # [BLOCK_H, BLOCK_N]
+            row_sum = row_sum * correction + tl.sum(probs, axis=1)
+            if DOT_FP32:
+                acc = acc * correction[:, None] + tl.dot(probs, values.to(tl.float32))
+            else:
+                acc = acc * correction[:, None] + tl.dot(probs.to(q.dtype), values.to(q.dtype))
+            row_max = new_max
+        tl.store(out_ptrs, acc / row_sum[:, None], mask=head_mask[:, None])
+        tl.store(lse_ptrs, row_max + tl.log2(row_sum), mask=head_mask)  # log2 domain
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_ptr, lse_ptr, out_ptr, n_splits,
+        stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+        BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    ):  # fmt: skip
+        """out = sum_s w_s part_s with w_s = 2^(lse_s - max lse) / sum. Grid: (B, H)."""
+        seq = tl.program_id(0).to(tl.int64)
+        head = tl.program_id(1).to(tl.int64)
+        splits = tl.arange(0, BLOCK_S)
+        split_mask = splits < n_splits
+        lse = tl.load(
+            lse_ptr + seq * stride_lb + head * stride_lh + splits,
+            mask=split_mask, other=float("-inf"),
+        )  # fmt: skip
+        top = tl.max(lse, axis=0)
+        safe_top = tl.where(top == float("-inf"), 0.0, top)  # empty sequence: all weights 0
+        weights = tl.where(split_mask & (lse > float("-inf")), tl.exp2(lse - safe_top), 0.0)
+        total = tl.sum(weights, axis=0)
+        dims = tl.arange(0, HEAD_DIM)
+        parts = tl.load(
+            part_ptr + seq * stride_pb + head * stride_ph + splits[:, None] * stride_ps
+            + dims[None, :],
+            mask=split_mask[:, None], other=0.0,
+        )  # fmt: skip
+        merged = tl.sum(parts * weights[:, None], axis=0) / tl.maximum(total, 1e-30)
+        tl.store(
+            out_ptr + seq * stride_ob + head * stride_oh + dims, merged.to(out_ptr.dtype.element_ty)
+        )
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _write_kv_kernel(
+        k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slots_ptr, pos_ptr,
+        row_len, stride_kt, stride_vt, stride_cs, stride_cl,
+        BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """Copy one token's [Hkv * D] key and value rows into its slot at its position, unless
+        the position is -1 (padding). Grid: (tokens,)."""
+        token = tl.program_id(0).to(tl.int64)
+        position = tl.load(pos_ptr + token).to(tl.int64)
+        if position >= 0:
+            slot = tl.load(slots_ptr + token).to(tl.int64)
+            cols = tl.arange(0, BLOCK)
+            mask = cols < row_len
+            dest = slot * stride_cs + position * stride_cl + cols
+            key = tl.load(k_ptr + token * stride_kt + cols, mask=mask)
+            value = tl.load(v_ptr + token * stride_vt + cols, mask=mask)
+            tl.store(k_cache_ptr + dest, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+            tl.store(v_cache_ptr + dest, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def write_kv_(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    """Write k, v [M, Hkv, D] into one layer's caches [S, L, Hkv, D] at (slots[m],
+    positions[m]); rows at position -1 are skipped. No host sync (CUDA-graph safe), unlike
+    boolean indexing."""
+    check_device(k, k_cache)
+    n_tokens = k.shape[0]
+    row_len = k.shape[1] * k.shape[2]
+    for name, t in (("k", k), ("v", v)):
+        if t.stride(2) != 1 or t.stride(1) != t.shape[2]:
+            raise ValueError(f"{name} rows [Hkv, D] must be contiguous")
+    for name, c in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if c.stride(3) != 1 or c.stride(2) != c.shape[3] or c.stride() != k_cache.stride():
+            raise ValueError(f"{name} rows [Hkv, D] must be contiguous and alike")
+    _write_kv_kernel[(n_tokens,)](
+        k, v, k_cache, v_cache, slots.to(torch.int32).contiguous(),
+        positions.to(torch.int32).contiguous(),
+        row_len, k.stride(0), v.stride(0), k_cache.stride(0), k_cache.stride(1),
+        BLOCK=next_power_of_2(row_len), num_warps=4,
+    )  # fmt: skip
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    seq_lens: torch.Tensor,
+    sm_scale: float | None = None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Triton flash-decoding; same contract as reference.decode_attention.
+
+    q: [B, H, D]; k_cache, v_cache: [S, L, Hkv, D] (one layer of the KVCache, any strides with
+    a contiguous last dim); slots, seq_lens: [B] int. Returns [B, H, D] in q's dtype.
+    """
+    check_device(q, k_cache, v_cache)
+    batch, n_heads, head_dim = q.shape
+    _, max_len, n_kv_heads, _ = k_cache.shape
+    if n_heads % n_kv_heads:
+        raise ValueError(f"{n_heads} query heads are not a multiple of {n_kv_heads} KV heads")
+    if head_dim != next_power_of_2(head_dim) or head_dim < 16:
+        raise ValueError(f"head_dim must be a power of two >= 16, got {head_dim}")
+    if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("q and the caches must be contiguous in head_dim")
+    group = n_heads // n_kv_heads
+    scale = sm_scale if sm_scale is not None else head_dim**-0.5
+    splits = num_splits or choose_num_splits(batch, n_kv_heads, max_len, q.device)
+    split_len = cdiv(cdiv(max_len, splits), BLOCK_N) * BLOCK_N
+    splits = cdiv(max_len, split_len)
+    partial = torch.empty(batch, n_heads, splits, head_dim, device=q.device, dtype=torch.float32)
+    lse = torch.empty(batch, n_heads, splits, device=q.device, dtype=torch.float32)
+    slots = slots.to(torch.int32).contiguous()
+    seq_lens = seq_lens.to(torch.int32).contiguous()
+    _decode_split_kernel[(batch, n_kv_heads, splits)](
+        q, k_cache, v_cache, slots, seq_lens, partial, lse,
+        scale * 1.4426950408889634, split_len,  # exp(x) = exp2(x * log2(e))
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
+        BLOCK_N=BLOCK_N, DOT_FP32=interpreting() or q.dtype == torch.float32,
+        num_warps=4, num_stages=3,
+    )  # fmt: skip
+    out = torch.empty_like(q)
+    _merge_splits_kernel[(batch, n_heads)](
+        partial, lse, out, splits,
+        partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_S=next_power_of_2(splits), HEAD_DIM=head_dim, num_warps=4,
+    )  # fmt: skip
+    return out

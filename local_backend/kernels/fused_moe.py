@@ -1,0 +1,314 @@
+"""Fused sparse-MoE forward in Triton (the grouped-GEMM pattern of vLLM's fused_moe).
+
+    route (fp32 softmax, top-2, renormalise)             torch, [M, E] -> [M, k]
+    align: sort the M*k (token, expert) pairs by expert,  torch, no host sync (graph-safe)
+           pad each expert's run to BLOCK_M
+    GEMM 1: per BLOCK_M rows of one expert,               Triton, [M*k, I] = silu(x W1^T) * x W3^T
+            W1 and W3 tiles read in the same K loop
+    GEMM 2: same blocks, times the routing weight,        Triton, [M*k, K] (split-K for small M)
+    sum over the k experts of each token                  torch, [M, k, K] -> [M, K]
+
+A block of BLOCK_M sorted rows belongs to a single expert, so each weight tile is read once per
+block: at decode (M = 1) that is exactly the two routed experts' weights, the bandwidth floor.
+Weights may be float ([E, N, K] tensors) or QuantizedWeight (int8 / int4, dequantized in the
+K loop by the helpers in quant.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from .quant import (
+    FMT_FLOAT,
+    FMT_INT4,
+    QuantizedWeight,
+    accumulate_weight_tile,
+    finish_channel_scale,
+    weight_tile_ptrs,
+)
+from .reference import ExpertWeight, route
+from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
+from .runtime import triton as _triton
+
+
+@dataclass(frozen=True)
+class MoEGemmConfig:
+    """Tile sizes of one grouped GEMM launch (see `choose_config`)."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 1
+    split_k: int = 1
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+@dataclass
+class AlignedRouting:
+    """The (token, expert) pairs sorted by expert and padded per expert to block_m.
+
+    sorted_ids: int32 [capacity]: row index into the flattened [M*k] pairs; padding holds M*k.
+    expert_ids: int32 [capacity // block_m]: the expert of each block (blocks past the end: 0).
+    num_padded: int32 [1]: used length of sorted_ids (a tensor, so nothing syncs to the host).
+    """
+
+    sorted_ids: torch.Tensor
+    expert_ids: torch.Tensor
+    num_padded: torch.Tensor
+    block_m: int
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> AlignedRouting:
+    """Group the M*k routed pairs by expert, each expert's run padded to a multiple of block_m.
+
+    Pure tensor ops without data-dependent shapes: the capacity is the worst case
+    M*k + min(M*k, E) * (block_m - 1), so the same code runs inside a CUDA graph.
+    """
+    flat = topk_ids.flatten().to(torch.int64)  # [M*k]
+    n_pairs = flat.numel()
+    device = flat.device
+    capacity = cdiv(n_pairs + min(n_pairs, n_experts) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m  # [E]
+    padded_end = padded.cumsum(0)
+    padded_start = padded_end - padded
+    order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
+    expert_of = flat[order]
+    first_of_expert = counts.cumsum(0) - counts  # index in `order` where each expert starts
+    rank = torch.arange(n_pairs, device=device) - first_of_expert[expert_of]
+    sorted_ids = torch.full((capacity,), n_pairs, dtype=torch.int32, device=device)
+    sorted_ids[padded_start[expert_of] + rank] = order.to(torch.int32)
+    block_starts = torch.arange(0, capacity, block_m, device=device)
+    expert_ids = torch.searchsorted(padded_end, block_starts, right=True)
+    expert_ids = expert_ids.clamp_max(n_experts - 1).to(torch.int32)
+    num_padded = padded_end[-1:].to(torch.int32)
+    return AlignedRouting(sorted_ids, expert_ids, num_padded, block_m)
+
+
+def choose_config(
+    n_tokens: int, top_k: int, n_experts: int, n: int, k: int, fmt: int, device: torch.device
+) -> MoEGemmConfig:
+    """Tile heuristics for H100/H200 class GPUs (132 SMs, 50 MB L2), by rows per expert.
+
+    Decode (a handful of rows per expert) is a weight-streaming GEMV: small BLOCK_M, long K
+    blocks, deep pipelines, and split-K when the N tiles alone cannot fill the SMs. Prefill is
+    compute bound: large square-ish tiles and GROUP_M swizzling so weight tiles stay in L2.
+    int4 needs BLOCK_K to divide the quantization group (128).
+    """
+    rows_per_expert = n_tokens * top_k / max(1, min(n_experts, n_tokens * top_k))
+    if rows_per_expert <= 16:
+        config = MoEGemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    elif rows_per_expert <= 64:
+        config = MoEGemmConfig(block_m=32, block_n=64, block_k=128, group_m=4, num_stages=4)
+    elif rows_per_expert <= 256:
+        config = MoEGemmConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4)
+    else:
+        config = MoEGemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8)
+    if fmt == FMT_FLOAT and config.block_k > 64 and rows_per_expert > 16:
+        config = replace(config, block_k=64)
+    pairs = n_tokens * top_k
+    blocks_m = cdiv(pairs + min(pairs, n_experts) * (config.block_m - 1), config.block_m)
+    programs = blocks_m * cdiv(n, config.block_n)
+    target = 2 * sm_count(device)
+    if programs < target and rows_per_expert <= 16:
+        k_blocks = cdiv(k, config.block_k)
+        split_k = min(cdiv(target, programs), max(1, k_blocks // 8), 16)
+        config = replace(config, split_k=max(1, split_k))
+    return config
+
+
+def _weight_parts(weight: ExpertWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(codes or weights, scales, format code, group size, N) of a stacked [E, N, K] weight."""
+    if isinstance(weight, QuantizedWeight):
+        return weight.qweight, weight.scales, weight.code, weight.group_size, weight.out_features
+    return weight, weight, FMT_FLOAT, 1, int(weight.shape[1])
+
+
+if HAS_TRITON:
+
+    @_triton.jit
+    def _moe_gemm_kernel(
+        a_ptr, w_ptr, w3_ptr, s_ptr, s3_ptr, c_ptr, topk_weights_ptr,
+        sorted_ids_ptr, expert_ids_ptr, num_padded_ptr,
+        N, K, num_pairs, capacity, k_per_split,
+        stride_am, stride_ak, stride_we, stride_wn, stride_wk,
+        stride_se, stride_sn, stride_sg, stride_cm, stride_cn,
+        A_ROWS_PER_TOKEN: tl.constexpr, FUSE_GATE_UP: tl.constexpr,
+        MUL_ROUTED_WEIGHT: tl.constexpr, WEIGHT_FORMAT: tl.constexpr, GROUP_K: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
+    ):  # fmt: skip
+        """One [BLOCK_M, BLOCK_N] tile of C for one expert's block of sorted rows.
+
+        Row r of C is pair r (token r // k, its j-th expert); A's row for it is
+        r // A_ROWS_PER_TOKEN (tokens for GEMM 1, pairs for GEMM 2). FUSE_GATE_UP: C =
+        silu(A W1^T) * (A W3^T). SPLIT_K > 1: grid axis 1 splits K, partials atomically added
+        into an fp32 C that starts at zero. Grid: (blocks_m * blocks_n, SPLIT_K).
+        """
+        pid = tl.program_id(0)
+        pid_k = tl.program_id(1)
+        blocks_m = tl.cdiv(capacity, BLOCK_M)
+        blocks_n = tl.cdiv(N, BLOCK_N)
+        # GROUP_M swizzle: neighbouring programs share weight tiles while they are in L2
+        per_group = GROUP_M * blocks_n
+        first_m = (pid // per_group) * GROUP_M
+        group_rows = min(blocks_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % per_group) % group_rows
+        pid_n = (pid % per_group) // group_rows
+        if pid_m * BLOCK_M >= tl.load(num_padded_ptr):
+            return
+
+        offs_sorted = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair_rows = tl.load(sorted_ids_ptr + offs_sorted)
+        row_mask = pair_rows < num_pairs
+        expert = tl.load(expert_ids_ptr + pid_m).to(tl.int64)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        k_begin = pid_k * k_per_split
+        k_end = tl.minimum(K, k_begin + k_per_split)
+        offs_k = k_begin + tl.arange(0, BLOCK_K)
+
+        a_rows = (pair_rows // A_ROWS_PER_TOKEN).to(tl.int64)
+        a_ptrs = a_ptr + a_rows[:, None] * stride_am + offs_k[None, :] * stride_ak
+        w_base = w_ptr + expert * stride_we
+        w_ptrs = weight_tile_ptrs(w_base, offs_k, offs_n, stride_wn, stride_wk, WEIGHT_FORMAT)
+        w3_ptrs = weight_tile_ptrs(
+            w3_ptr + expert * stride_we, offs_k, offs_n, stride_wn, stride_wk, WEIGHT_FORMAT
+        )
+        s_ptrs = s_ptr + expert * stride_se + offs_n * stride_sn
+        s3_ptrs = s3_ptr + expert * stride_se + offs_n * stride_sn
+        w_step = BLOCK_K // 2 if WEIGHT_FORMAT == 2 else BLOCK_K
+
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k_start in range(k_begin, k_end, BLOCK_K):
+            k_mask = offs_k < k_end
+            a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
+            acc = accumulate_weight_tile(
+                acc, a, w, offs_k, k_start, s_ptrs, stride_sg, n_mask,
+                WEIGHT_FORMAT, GROUP_K, DOT_FP32,
+            )  # fmt: skip
+            if FUSE_GATE_UP:
+                w3 = tl.load(w3_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0)
+                acc3 = accumulate_weight_tile(
+                    acc3, a, w3, offs_k, k_start, s3_ptrs, stride_sg, n_mask,
+                    WEIGHT_FORMAT, GROUP_K, DOT_FP32,
+                )  # fmt: skip
+                w3_ptrs += w_step * stride_wk
+            a_ptrs += BLOCK_K * stride_ak
+            w_ptrs += w_step * stride_wk
+            offs_k += BLOCK_K
+
+        acc = finish_channel_scale(acc, s_ptrs, n_mask, WEIGHT_FORMAT)
+        if FUSE_GATE_UP:
+            acc3 = finish_channel_scale(acc3, s3_ptrs, n_mask, WEIGHT_FORMAT)
+            acc = acc * tl.sigmoid(acc) * acc3  # silu(gate) * up, in fp32
+        if MUL_ROUTED_WEIGHT:
+            routed = tl.load(topk_weights_ptr + pair_rows, mask=row_mask, other=0.0)
+            acc = acc * routed.to(tl.float32)[:, None]
+        c_ptrs = c_ptr + pair_rows.to(tl.int64)[:, None] * stride_cm + offs_n[None, :] * stride_cn
+        c_mask = row_mask[:, None] & n_mask[None, :]
+        if SPLIT_K > 1:
+            tl.atomic_add(c_ptrs, acc, mask=c_mask)
+        else:
+            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def _launch_gemm(
+    a: torch.Tensor,
+    weight: ExpertWeight,
+    weight3: ExpertWeight | None,
+    out: torch.Tensor,
+    topk_weights: torch.Tensor | None,
+    routing: AlignedRouting,
+    rows_per_token: int,
+    config: MoEGemmConfig,
+) -> None:
+    w, scales, fmt, group, n = _weight_parts(weight)
+    w3, scales3 = (w, scales) if weight3 is None else _weight_parts(weight3)[:2]
+    k = a.shape[1]
+    if fmt == FMT_INT4 and group % config.block_k:
+        config = replace(config, block_k=group)
+    k_per_split = cdiv(cdiv(k, config.split_k), config.block_k) * config.block_k
+    split_k = cdiv(k, k_per_split)
+    if split_k > 1 and out.dtype != torch.float32:
+        raise ValueError("split-K accumulates atomically and needs an fp32 output")
+    capacity = routing.sorted_ids.numel()
+    scale_strides = (0, 0, 0)
+    if fmt != FMT_FLOAT:
+        scale_strides = (scales.stride(0), scales.stride(1), scales.stride(2) if fmt == 2 else 0)
+    grid = (cdiv(capacity, config.block_m) * cdiv(n, config.block_n), split_k)
+    _moe_gemm_kernel[grid](
+        a, w, w3, scales, scales3, out,
+        topk_weights if topk_weights is not None else out,
+        routing.sorted_ids, routing.expert_ids, routing.num_padded,
+        n, k, out.shape[0], capacity, k_per_split,
+        a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+        *scale_strides, out.stride(0), out.stride(1),
+        A_ROWS_PER_TOKEN=rows_per_token, FUSE_GATE_UP=weight3 is not None,
+        MUL_ROUTED_WEIGHT=topk_weights is not None, WEIGHT_FORMAT=fmt, GROUP_K=max(1, group),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        GROUP_M=config.group_m, SPLIT_K=split_k,
+        DOT_FP32=interpreting() or a.dtype == torch.float32,
+        **launch_options(config.num_warps, config.num_stages),
+    )  # fmt: skip
+
+
+def fused_experts(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w1: ExpertWeight,
+    w3: ExpertWeight,
+    w2: ExpertWeight,
+    config: MoEGemmConfig | None = None,
+    down_config: MoEGemmConfig | None = None,
+) -> torch.Tensor:
+    """Triton experts for already-routed tokens: x [M, K], topk_* [M, k] -> [M, K] (x's dtype).
+
+    `config` / `down_config` override the heuristic tiles (benchmarks and tests); the routing
+    is aligned once, to the first GEMM's BLOCK_M, which both GEMMs share.
+    """
+    check_device(x)
+    n_tokens, dim = x.shape
+    top_k = topk_ids.shape[1]
+    w1_codes, _, fmt, _, inter = _weight_parts(w1)
+    n_experts = int(w1_codes.shape[0])
+    x = x.contiguous()
+    if config is None:
+        config = choose_config(n_tokens, top_k, n_experts, inter, dim, fmt, x.device)
+    if down_config is None:
+        down_config = choose_config(n_tokens, top_k, n_experts, dim, inter, fmt, x.device)
+    down_config = replace(down_config, block_m=config.block_m)
+    routing = moe_align_block_size(topk_ids, n_experts, config.block_m)
+    pairs = n_tokens * top_k
+    # GEMM 1 never splits K: silu(gate) * up needs the whole dot product
+    gate_up_config = replace(config, split_k=1)
+    hidden = torch.empty(pairs, inter, device=x.device, dtype=x.dtype)  # [M*k, I]
+    _launch_gemm(x, w1, w3, hidden, None, routing, top_k, gate_up_config)
+    split = down_config.split_k > 1
+    down = (torch.zeros if split else torch.empty)(
+        pairs, dim, device=x.device, dtype=torch.float32 if split else x.dtype
+    )  # [M*k, K]
+    weights = topk_weights.to(torch.float32).contiguous().flatten()  # [M*k]
+    _launch_gemm(hidden, w2, None, down, weights, routing, 1, down_config)
+    summed = down.view(n_tokens, top_k, dim).sum(dim=1, dtype=torch.float32)  # [M, K]
+    return summed.to(x.dtype)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    router_logits: torch.Tensor,
+    top_k: int,
+    w1: ExpertWeight,
+    w3: ExpertWeight,
+    w2: ExpertWeight,
+) -> torch.Tensor:
+    """The sparse MoE block: x [M, K] and router logits [M, E] -> [M, K]."""
+    topk_weights, topk_ids = route(router_logits, top_k)
+    return fused_experts(x, topk_weights, topk_ids, w1, w3, w2)
