@@ -8,12 +8,15 @@ file's truth.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
 
 ProviderKind = Literal["openai_compat", "local"]
 
@@ -216,3 +219,55 @@ def load_catalog(path: Path | str) -> Catalog:
     except yaml.YAMLError as exc:
         raise CatalogError(f"{path}: not valid YAML: {exc}") from None
     return build_catalog(data, source=str(path))
+
+
+def with_local_backend(
+    catalog: Catalog,
+    *,
+    context: int | None = None,
+    gpu_cost_per_hour: float | None = None,
+    tokens_per_s: float | None = None,
+) -> Catalog:
+    """The catalog with the local routes' context and price taken from how the backend runs.
+
+    A local route's context is what its KV cache allows (LOCAL_MAX_SEQ_LEN), not the model's
+    64k; its price is the GPU's cost per hour over its measured throughput. Either, when given,
+    replaces pricing.yaml's value, so routing and `gateway cheapest` see the same numbers.
+    """
+    if context is None and gpu_cost_per_hour is None and tokens_per_s is None:
+        return catalog
+    providers = dict(catalog.providers)
+    for name, spec in catalog.providers.items():
+        if spec.kind == "local":
+            updates: dict[str, float] = {}
+            if gpu_cost_per_hour is not None:
+                updates["gpu_cost_per_hour"] = gpu_cost_per_hour
+            if tokens_per_s is not None:
+                updates["tokens_per_s"] = tokens_per_s
+            providers[name] = spec.model_copy(update=updates)
+    models = {}
+    for model_id, model in catalog.models.items():
+        routes = []
+        for route in model.routes:
+            if route.kind == "local":
+                price = _local_price(providers[route.provider])
+                route = replace(
+                    route,
+                    input_price=price,
+                    output_price=price,
+                    context=min(context or route.context, route.context),
+                )
+            routes.append(route)
+        models[model_id] = replace(model, routes=tuple(routes))
+    return replace(catalog, models=models, providers=providers)
+
+
+def load_configured_catalog(settings: Settings) -> Catalog:
+    """pricing.yaml as this deployment runs it: the file, plus the local backend's settings."""
+    local = settings.local_model_dir is not None or settings.local_base_url is not None
+    return with_local_backend(
+        load_catalog(settings.gateway_config),
+        context=settings.local_max_seq_len if local else None,
+        gpu_cost_per_hour=settings.local_gpu_cost_per_hour,
+        tokens_per_s=settings.local_tokens_per_s,
+    )

@@ -9,6 +9,8 @@
     ├── RateLimited             429   a capacity-limited route or the gateway itself is full
     ├── NoEligibleRoute         503   every route was filtered out; `skipped` says why, per route
     ├── AllRoutesFailed         502   every attempt on every candidate failed; `attempts` trail
+    ├── StreamInterrupted       502   the upstream failed after the answer started streaming:
+    │                                 sent as the stream's last event (no [DONE] follows)
     └── UpstreamError                 one failed attempt (never shown to a client as is)
         ├── UpstreamConnectError      refused / reset / DNS: retryable
         ├── UpstreamTimeout           a phase timeout (`phase`): retryable
@@ -116,6 +118,21 @@ class AllRoutesFailed(GatewayError):
     status = 502
     type = "upstream_error"
     code = "all_routes_failed"
+
+    def __init__(self, message: str, *, attempts: list[dict[str, Any]]):
+        super().__init__(message)
+        self.attempts = attempts
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["attempts"] = self.attempts
+        return body
+
+
+class StreamInterrupted(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "stream_interrupted"
 
     def __init__(self, message: str, *, attempts: list[dict[str, Any]]):
         super().__init__(message)

@@ -26,8 +26,10 @@ ranks exactly as the server routes. `plan`:
    desc, latency p50 asc); with sort=price the last-resort route takes its place by price only
    when it is the cheapest. allow_fallbacks=false without an order keeps the first choice only.
 
-A prompt that fits no route of any requested model is the client's error (ContextLengthExceeded,
-400); routes that fit but are all filtered out are ours (NoEligibleRoute, 503, with `skipped`).
+A prompt that fits no configured route of any requested model is the client's error
+(ContextLengthExceeded, 400); routes that fit but are all filtered out are ours (NoEligibleRoute,
+503, with `skipped`). Routes without a key or backend are not this deployment's: they do not
+make a prompt "fit" (a 64k hosted route with no key does not excuse an 8k local one).
 The decision itself takes tens of microseconds (bench/routing.py, docs/benchmarks.md).
 """
 
@@ -71,6 +73,7 @@ __all__ = [
     "STATS_WINDOWS",
     "TYPICAL_COMPLETION_TOKENS",
     "Availability",
+    "NotConfigured",
     "RankedRoute",
     "RoutePlan",
     "Router",
@@ -109,6 +112,12 @@ class _CountNeeded(Exception):
         self.key = key
 
 
+class NotConfigured(str):
+    """An unavailability reason meaning the route is not part of this deployment at all (no key,
+    no backend), as opposed to a passing one (at capacity). Such routes do not count when
+    deciding whether a prompt is too long for every route."""
+
+
 def available_from(providers: Mapping[str, Any]) -> Callable[[str], str | None]:
     """Availability from the configured providers (`GatewayState.providers`)."""
 
@@ -116,8 +125,8 @@ def available_from(providers: Mapping[str, Any]) -> Callable[[str], str | None]:
         provider = providers.get(name)
         if provider is None:
             if name == "local":
-                return "local backend not configured"
-            return f"no API key configured ({name.upper()}_API_KEY)"
+                return NotConfigured("local backend not configured")
+            return NotConfigured(f"no API key configured ({name.upper()}_API_KEY)")
         return None if provider.has_capacity() else "at capacity"
 
     return check
@@ -182,8 +191,8 @@ class Router:
         if answer is False:
             if route.kind == "local":
                 return "local backend not configured or at capacity"
-            return f"no API key configured ({route.provider.upper()}_API_KEY)"
-        return str(answer)
+            return NotConfigured(f"no API key configured ({route.provider.upper()}_API_KEY)")
+        return answer if isinstance(answer, str) else str(answer)
 
     def _evaluate(
         self,
@@ -297,8 +306,11 @@ class Router:
                 ]
             if index == 0:
                 plan.prompt_tokens, plan.prompt_tokens_exact = cost_tokens, exact
-            if not any(e.fits for e in evals):
-                largest = max(evals, key=lambda e: e.route.context)  # the most telling error
+            # Too long for every route this deployment has (routes with no key or backend are
+            # not ours to offer; when none is configured, the 503 below says so instead).
+            deployed = [e for e in evals if not isinstance(e.unavailable, NotConfigured)]
+            if not any(e.fits for e in deployed or evals):
+                largest = max(deployed or evals, key=lambda e: e.route.context)  # most telling
                 fit_errors.append(f"{model.id}: {largest.fit_error}")
             self._choose(evals, prefs, asked, plan)
 

@@ -1,0 +1,393 @@
+"""Dispatcher: try a plan's candidate routes in order until one serves the request.
+
+    ctx = RequestContext(endpoint="chat", client_key=key_id, started=time.perf_counter())
+    served = await dispatcher.complete(plan, body, ctx)        # non-stream: ServedResponse
+    guard = await dispatcher.open_stream(plan, body, ctx)      # stream: StreamGuard (first
+                                                               # output already in hand)
+One attempt is one provider call. tenacity retries an attempt on the same route while the
+error is retryable (429, 5xx, connect errors, phase timeouts) with jittered exponential backoff,
+or exactly the upstream's Retry-After when it is within `retry_after_cap_s` (a longer one falls
+back at once); `retry_attempts_per_route` attempts per route and `retry_budget_s` of backoff
+per request bound it. Then the next candidate. An error that says the request itself is bad
+(upstream 400/404/413/422) ends the request at once: every route would say the same.
+
+For streams the attempt lasts until the first chunk with output arrives, so every failure
+before the client sees a token (refused, 5xx, stall, cut, malformed chunk) fails over silently;
+after it the StreamGuard (stream_guard.py) owns the stream.
+
+Stats: exactly one `record_attempt` per attempt (a stream's is written when it ends, by the
+guard), exactly one `record_usage` per served response (accounting.py). An attempt the client
+cancelled by hanging up is recorded ok (the upstream did not fail) with error_kind "cancelled".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
+
+from gateway.accounting import Accountant, body_output_text, client_usage
+from gateway.catalog import Catalog, Model, Route
+from gateway.errors import (
+    AllRoutesFailed,
+    InvalidRequest,
+    NoEligibleRoute,
+    PayloadTooLarge,
+    UpstreamError,
+    UpstreamProtocolError,
+)
+from gateway.routing import RoutePlan
+from gateway.settings import Settings
+from gateway.stats.base import Attempt, StatsStore
+from gateway.stream_guard import StreamGuard, next_chunk, quietly_close
+from providers.base import Endpoint, Provider, ProviderRequest, ProviderResponse, ProviderStream
+from providers.sse import chunk_carries_output
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+GATEWAY_ONLY_FIELDS = ("debug",)  # besides the router's GATEWAY_FIELDS (provider, models, ...)
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """One client request's bookkeeping across its attempts."""
+
+    endpoint: Endpoint
+    client_key: str
+    started: float  # time.perf_counter() when the gateway began handling the request
+    want_usage: bool = False  # stream_options.include_usage from the client
+    debug: bool = False  # put the attempts trail in the answer
+    upstream_s: float = 0.0  # time spent waiting on upstreams (attempts and backoff)
+    backoff_s: float = 0.0  # of which backoff sleeps (the retry budget)
+    trail: list[dict[str, Any]] = field(default_factory=list)
+
+    def overhead_ms(self) -> float:
+        """Time the gateway itself took so far: wall time minus upstream waits."""
+        return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000.0)
+
+
+@dataclass(slots=True)
+class ServedResponse:
+    body: dict[str, Any]
+    route: Route
+
+
+@dataclass(slots=True)
+class OpenedStream:
+    """A stream attempt that produced its first output: the guard takes it from here."""
+
+    route: Route
+    model: Model
+    stream: ProviderStream
+    chunks: AsyncIterator[dict[str, Any]]
+    head: list[dict[str, Any]]  # chunks read so far (role chunks, then the first output)
+    body: dict[str, Any]  # what was sent upstream
+    started: float  # perf_counter at the attempt's start
+    ttft_s: float
+
+
+def _trail_entry(route: Route, ok: bool, latency_s: float, exc: UpstreamError | None) -> dict:
+    entry: dict[str, Any] = {
+        "route": route.id,
+        "provider": route.provider,
+        "ok": ok,
+        "latency_ms": round(latency_s * 1000.0, 2),
+    }
+    if exc is not None:
+        entry["error"] = exc.kind
+        entry["message"] = exc.message
+        status = getattr(exc, "upstream_status", None)
+        if status is not None:
+            entry["status"] = status
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            entry["retry_after_s"] = retry_after
+    return entry
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        stats: StatsStore,
+        accountant: Accountant,
+        providers: dict[str, Provider],
+        *,
+        metrics: Any = None,
+        rng: random.Random | None = None,
+    ):
+        self.settings = settings
+        self.catalog = catalog
+        self.stats = stats
+        self.accountant = accountant
+        self.providers = providers
+        self.metrics = metrics
+        self.timeouts = settings.timeouts
+        self._rng = rng or random.Random()
+
+    # -- public -------------------------------------------------------------------------------
+
+    async def complete(
+        self, plan: RoutePlan, body: dict[str, Any], ctx: RequestContext
+    ) -> ServedResponse:
+        route, response = await self._first_success(plan, body, ctx, self._attempt_complete)
+        model = self.catalog.models[route.model]
+        data = response.body
+        prompt, completion, counted = self.accountant.counts(
+            route, model, data.get("usage"), body, ctx.endpoint, body_output_text(data)
+        )
+        settled = self.accountant.settle(
+            route, model, ctx.client_key, prompt, completion, counted=counted
+        )
+        data["model"] = model.id
+        data["provider"] = route.provider
+        data["usage"] = client_usage(data.get("usage"), settled)
+        if ctx.debug:
+            data["attempts"] = ctx.trail
+        return ServedResponse(data, route)
+
+    async def open_stream(
+        self, plan: RoutePlan, body: dict[str, Any], ctx: RequestContext
+    ) -> StreamGuard:
+        _, opened = await self._first_success(plan, body, ctx, self.attempt_stream)
+        return StreamGuard(self, plan, body, ctx, opened)
+
+    # -- the candidate loop and the retries ---------------------------------------------------
+
+    def upstream_body(self, plan: RoutePlan, route: Route, body: dict[str, Any]) -> dict:
+        out = plan.body_for(route, body)
+        for name in GATEWAY_ONLY_FIELDS:
+            out.pop(name, None)
+        if out.get("stream"):
+            options = out.get("stream_options")
+            out["stream_options"] = {**(options if isinstance(options, dict) else {})}
+            out["stream_options"]["include_usage"] = True  # usage is always known
+        return out
+
+    async def _first_success(
+        self,
+        plan: RoutePlan,
+        body: dict[str, Any],
+        ctx: RequestContext,
+        attempt: Callable[[Route, Provider, ProviderRequest, RequestContext], Awaitable[T]],
+        routes: list[Route] | None = None,
+    ) -> tuple[Route, T]:
+        routes = plan.candidates if routes is None else routes
+        tried = 0
+        for route in routes:
+            provider = self.providers.get(route.provider)
+            if provider is None:
+                continue  # the router saw it configured; a race with shutdown
+            if tried == self.settings.max_fallback_routes:
+                break
+            tried += 1
+            request = ProviderRequest(
+                route.id,
+                route.slug,
+                self.upstream_body(plan, route, body),
+                ctx.endpoint,
+                self.timeouts,
+            )
+            try:
+                return route, await self._retrying(ctx, attempt, route, provider, request)
+            except UpstreamError as exc:
+                if exc.fatal_for_request:
+                    self._observe_failure(route.model, exc.kind, route.id)
+                    raise _rejected(exc) from None
+        model = plan.model.id
+        if not ctx.trail:
+            self._observe_failure(model, "no_eligible_route")
+            unconfigured = {
+                r.id: "provider not configured" for r in routes if r.provider not in self.providers
+            }
+            raise NoEligibleRoute(
+                "no configured provider can serve this request",
+                skipped={**plan.skipped, **unconfigured},
+            )
+        self._observe_failure(model, "all_routes_failed")
+        summary = "; ".join(f"{a['route']}: {a.get('error', 'ok')}" for a in ctx.trail)
+        raise AllRoutesFailed(f"every route failed for {model} ({summary})", attempts=ctx.trail)
+
+    def _should_retry(self, exc: BaseException) -> bool:
+        """Retryable, and any Retry-After within the cap (a longer one: fall back at once)."""
+        if not isinstance(exc, UpstreamError) or not exc.retryable:
+            return False
+        retry_after = getattr(exc, "retry_after", None)
+        return retry_after is None or retry_after <= self.settings.retry_after_cap_s
+
+    def _delay(self, exc: BaseException | None, failures: int) -> float:
+        """The wait after the `failures`-th failed attempt on a route."""
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return float(retry_after)
+        s = self.settings
+        ceiling = min(s.retry_backoff_base_s * 2 ** (failures - 1), s.retry_after_cap_s)
+        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)  # "equal jitter"
+
+    async def _retrying(
+        self,
+        ctx: RequestContext,
+        attempt: Callable[[Route, Provider, ProviderRequest, RequestContext], Awaitable[T]],
+        route: Route,
+        provider: Provider,
+        request: ProviderRequest,
+    ) -> T:
+        s = self.settings
+        # The common case, a first attempt that succeeds, builds no retry controller: tenacity
+        # takes over after the first retryable failure (its attempt numbers start after it).
+        try:
+            return await attempt(route, provider, request, ctx)
+        except UpstreamError as exc:
+            if not self._should_retry(exc):
+                raise
+            first = exc
+
+        async def sleep(seconds: float) -> None:
+            ctx.backoff_s += seconds
+            ctx.upstream_s += seconds
+            await asyncio.sleep(seconds)
+
+        def wait(state: RetryCallState) -> float:
+            exc = state.outcome.exception() if state.outcome else None
+            return self._delay(exc, 1 + state.attempt_number)
+
+        def stop(state: RetryCallState) -> bool:
+            if 1 + state.attempt_number >= s.retry_attempts_per_route:
+                return True
+            return ctx.backoff_s + state.upcoming_sleep > s.retry_budget_s
+
+        delay = self._delay(first, 1)
+        if s.retry_attempts_per_route <= 1 or ctx.backoff_s + delay > s.retry_budget_s:
+            raise first
+        await sleep(delay)
+        retrying = AsyncRetrying(
+            stop=stop,
+            wait=wait,
+            retry=retry_if_exception(self._should_retry),
+            sleep=sleep,
+            reraise=True,
+        )
+        return await retrying(attempt, route, provider, request, ctx)
+
+    # -- attempts -----------------------------------------------------------------------------
+
+    def record_attempt(
+        self,
+        route: Route,
+        ctx: RequestContext,
+        started: float,
+        *,
+        error: UpstreamError | None = None,
+        ttft_s: float | None = None,
+        completion_tokens: int = 0,
+        cancelled: bool = False,
+    ) -> None:
+        latency = time.perf_counter() - started
+        self.stats.record_attempt(
+            Attempt(
+                route_id=route.id,
+                ok=error is None,
+                latency_s=latency,
+                ttft_s=ttft_s,
+                completion_tokens=completion_tokens,
+                error_kind=error.kind
+                if error is not None
+                else ("cancelled" if cancelled else None),
+            )
+        )
+        ctx.trail.append(_trail_entry(route, error is None, latency, error))
+
+    async def _attempt_complete(
+        self, route: Route, provider: Provider, request: ProviderRequest, ctx: RequestContext
+    ) -> ProviderResponse:
+        started = time.perf_counter()
+        try:
+            result = await provider.chat(request)
+            if not isinstance(result, ProviderResponse):
+                await result.aclose()
+                raise UpstreamProtocolError(route.id, "answered a stream to a non-stream request")
+        except UpstreamError as exc:
+            self.record_attempt(route, ctx, started, error=exc)
+            raise
+        except asyncio.CancelledError:
+            self.record_attempt(route, ctx, started, cancelled=True)
+            raise
+        except Exception as exc:
+            raise self._internal_failure(route, ctx, started, exc) from None
+        finally:
+            ctx.upstream_s += time.perf_counter() - started
+        usage = result.body.get("usage")
+        completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
+        self.record_attempt(
+            route,
+            ctx,
+            started,
+            ttft_s=result.ttft_s,
+            completion_tokens=completion if isinstance(completion, int) else 0,
+        )
+        return result
+
+    async def attempt_stream(
+        self, route: Route, provider: Provider, request: ProviderRequest, ctx: RequestContext
+    ) -> OpenedStream:
+        """Open the stream and read until its first output (an attempt fails over before it)."""
+        started = time.perf_counter()
+        stream: ProviderStream | None = None
+        try:
+            result = await provider.chat(request)
+            if isinstance(result, ProviderResponse):
+                raise UpstreamProtocolError(route.id, "answered JSON to a stream request")
+            stream = result
+            chunks = stream.__aiter__()
+            head: list[dict[str, Any]] = []
+            while True:
+                chunk = await next_chunk(chunks)
+                if chunk is None:
+                    raise UpstreamProtocolError(route.id, "the stream ended without any output")
+                head.append(chunk)
+                if chunk_carries_output(chunk):
+                    break
+        except BaseException as exc:
+            if stream is not None:
+                await quietly_close(stream)
+            if isinstance(exc, UpstreamError):
+                self.record_attempt(route, ctx, started, error=exc)
+                raise
+            if isinstance(exc, asyncio.CancelledError):
+                self.record_attempt(route, ctx, started, cancelled=True)
+                raise
+            if isinstance(exc, Exception):
+                raise self._internal_failure(route, ctx, started, exc) from None
+            raise
+        finally:
+            ctx.upstream_s += time.perf_counter() - started
+        model = self.catalog.models[route.model]
+        ttft = time.perf_counter() - started
+        return OpenedStream(route, model, stream, chunks, head, request.body, started, ttft)
+
+    def _internal_failure(
+        self, route: Route, ctx: RequestContext, started: float, exc: Exception
+    ) -> UpstreamError:
+        """A bug below us must not take the request down with it: log it, fail over."""
+        log.error("provider %s raised %s", route.provider, type(exc).__name__, exc_info=exc)
+        error = UpstreamProtocolError(route.id, f"internal provider failure ({type(exc).__name__})")
+        self.record_attempt(route, ctx, started, error=error)
+        return error
+
+    def _observe_failure(self, model: str, outcome: str, route_id: str | None = None) -> None:
+        if self.metrics is not None:
+            self.metrics.observe_failed_request(model, outcome, route_id)
+
+
+def _rejected(exc: UpstreamError) -> InvalidRequest | PayloadTooLarge:
+    status = getattr(exc, "upstream_status", 400)
+    message = f"the upstream rejected the request: {exc.message}"
+    return PayloadTooLarge(message) if status == 413 else InvalidRequest(message)

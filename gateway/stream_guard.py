@@ -1,0 +1,327 @@
+"""The stream guard: serves one upstream stream to the client and never fakes success.
+
+    guard = await dispatcher.open_stream(plan, body, ctx)   # first output already in hand
+    async for event in guard.events(): send(event)           # SSE bytes
+    await guard.aclose()                                      # always: hangs up, records once
+
+Every chunk the client sees carries the serving `provider` and our model id; upstream usage is
+taken out of the chunks (the gateway always asked for it) and, when the client set
+`stream_options.include_usage`, comes back as one final `choices: []` chunk with `usage.cost`.
+
+When the upstream fails after the first output reached the client, the stream ends with an
+explicit error event (errors.StreamInterrupted, OpenAI's error shape) and no `[DONE]` — unless
+the answer can be continued exactly on another candidate route serving the same weights. That
+is the case for `/v1/completions` with one plain-string prompt (n=1, no echo/logprobs/best_of/
+suffix): the prompt is raw text, so re-asking with prompt + the text already served continues
+the same answer; `max_tokens` shrinks by what was served and stop sequences that straddle the
+seam are caught here. Chat is never continued: a trailing assistant message is read as a
+finished turn by some of our upstreams and as a prefix to extend by others, and nothing in their
+APIs says which, so a "continued" chat answer could silently restart — we end with the error.
+
+Accounting: each upstream segment records exactly one attempt and one usage (what that upstream
+served; counted with the tokenizer when it reported none, e.g. after a cut). A normal stream has
+one segment; a continued one has two or more, and the client's usage sums them (prompt tokens
+as the client sent them). A client that hangs up closes the upstream call; what was served up
+to then is recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+from gateway.accounting import Settled, client_usage, output_text, reported_counts
+from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
+from gateway.routing import RoutePlan
+from providers.base import ProviderStream
+from providers.sse import choice_text_key
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:
+    from gateway.dispatch import Dispatcher, OpenedStream, RequestContext
+
+_DONE = b"data: [DONE]\n\n"
+_NOT_CONTINUABLE = ("echo", "logprobs", "suffix")
+
+
+class StreamGuard:
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        plan: RoutePlan,
+        body: dict[str, Any],
+        ctx: RequestContext,
+        opened: OpenedStream,
+    ):
+        self._d = dispatcher
+        self._plan = plan
+        self._body = body
+        self._ctx = ctx
+        self._seg = opened
+        self._seg_open = True
+        self._seg_usage: dict[str, Any] | None = None
+        self._seg_text: dict[int, list[str]] = {}
+        self._text: dict[int, list[str]] = {}  # everything served, per choice
+        self._choices: set[int] = set()  # every choice index the client has seen
+        self._finished: set[int] = set()
+        self._settled: list[Settled] = []
+        self._id: Any = None
+        self._created: Any = None
+        self._object: Any = None
+        self._segments = 0
+        self._stops: tuple[str, ...] = ()
+        self._stopped = False
+        self._closed = False
+        self.route = opened.route
+        self.attempts = len(ctx.trail) + 1
+
+    # -- serving ------------------------------------------------------------------------------
+
+    async def events(self) -> AsyncIterator[bytes]:
+        seg = self._seg
+        while True:
+            for first in seg.head:
+                event = self._emit(first)
+                if event:
+                    yield event
+            seg.head = []
+            error = None
+            while not self._stopped:
+                try:
+                    chunk = await next_chunk(seg.chunks)
+                except UpstreamError as exc:
+                    error = exc
+                    break
+                if chunk is None:
+                    break
+                event = self._emit(chunk)
+                if event:
+                    yield event
+            await self._end_segment(error)
+            if error is None or self._answer_complete():
+                break
+            follow = await self._continuation()
+            if isinstance(follow, bytes):
+                yield follow  # the budget was already spent: finish as "length"
+                break
+            if follow is None:
+                interrupted = StreamInterrupted(
+                    f"the upstream failed after the answer started ({error.kind}); "
+                    "the answer is incomplete",
+                    attempts=self._ctx.trail,
+                )
+                self._observe_failure(error.kind)
+                yield stream_error_event(interrupted)
+                return
+            seg = self._seg = follow
+            self._seg_open = True
+            self._seg_usage = None
+            self._segments += 1
+        for event in self._tail():
+            yield event
+
+    def _emit(self, chunk: dict[str, Any]) -> bytes | None:
+        usage = chunk.pop("usage", None)
+        if reported_counts(usage) is not None:
+            self._seg_usage = usage
+        choices = chunk.get("choices")
+        if not choices:
+            return None
+        if self._id is None:
+            self._id, self._created, self._object = (
+                chunk.get("id"),
+                chunk.get("created"),
+                chunk.get("object"),
+            )
+        elif self._segments:
+            chunk["id"], chunk["created"] = self._id, self._created
+        chunk["model"] = self._seg.model.id
+        chunk["provider"] = self._seg.route.provider
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            self._choices.add(index)
+            where = choice_text_key(choice)
+            if where is not None and isinstance(where[0].get(where[1]), str):
+                holder, key = where
+                if self._segments and self._stops:
+                    holder[key] = self._cut_at_stop(index, holder[key], choice)
+                self._seg_text.setdefault(index, []).append(holder[key])
+                self._text.setdefault(index, []).append(holder[key])
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta.get("tool_calls"):
+                self._seg_text.setdefault(index, []).append(output_text([delta]))
+            if choice.get("finish_reason"):
+                self._finished.add(index)
+        return b"data: " + _dumps(chunk) + b"\n\n"
+
+    def _tail(self) -> list[bytes]:
+        out = []
+        ctx = self._ctx
+        if ctx.want_usage or ctx.debug:
+            last: dict[str, Any] = {
+                "id": self._id,
+                "object": self._object or _chunk_object(ctx.endpoint),
+                "created": self._created if self._created is not None else int(time.time()),
+                "model": self._seg.model.id,
+                "provider": self._seg.route.provider,
+                "choices": [],
+            }
+            if ctx.want_usage:
+                last["usage"] = client_usage(self._seg_usage, self.total())
+            if ctx.debug:
+                last["attempts"] = ctx.trail
+            out.append(b"data: " + _dumps(last) + b"\n\n")
+        out.append(_DONE)
+        return out
+
+    def total(self) -> Settled:
+        """The client's usage: the first segment's prompt, every segment's completion."""
+        first = self._settled[0]
+        completion = sum(s.completion_tokens for s in self._settled)
+        cost = sum(s.cost for s in self._settled)
+        return Settled(first.prompt_tokens, completion, cost, any(s.counted for s in self._settled))
+
+    def _answer_complete(self) -> bool:
+        return bool(self._choices) and self._choices <= self._finished
+
+    # -- segments: one attempt and one usage each ---------------------------------------------
+
+    async def _end_segment(self, error: UpstreamError | None, *, cancelled: bool = False) -> None:
+        if not self._seg_open:
+            return
+        self._seg_open = False
+        seg = self._seg
+        await quietly_close(seg.stream)
+        text = "".join("".join(parts) for parts in self._seg_text.values())
+        self._seg_text = {}
+        acct = self._d.accountant
+        prompt, completion, counted = acct.counts(
+            seg.route, seg.model, self._seg_usage, seg.body, self._ctx.endpoint, text
+        )
+        self._d.record_attempt(
+            seg.route,
+            self._ctx,
+            seg.started,
+            error=error,
+            ttft_s=seg.ttft_s,
+            completion_tokens=completion,
+            cancelled=cancelled,
+        )
+        # A continuation's prompt includes the answer's first part: this record keeps what the
+        # upstream really processed; the client's usage (total()) keeps the prompt it sent.
+        self._settled.append(
+            acct.settle(
+                seg.route, seg.model, self._ctx.client_key, prompt, completion, counted=counted
+            )
+        )
+
+    async def aclose(self) -> None:
+        """Always called once the response is over: a hang-up closes the upstream call."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._end_segment(None, cancelled=True)
+
+    # -- continuing on another route ----------------------------------------------------------
+
+    def continuable(self) -> bool:
+        body = self._body
+        if self._ctx.endpoint != "completions" or not isinstance(body.get("prompt"), str):
+            return False
+        if body.get("n", 1) != 1 or body.get("best_of", 1) != 1:
+            return False
+        return not any(body.get(name) for name in _NOT_CONTINUABLE)
+
+    async def _continuation(self) -> OpenedStream | bytes | None:
+        if not self.continuable():
+            return None
+        failed = {entry["route"] for entry in self._ctx.trail if not entry["ok"]}
+        weights = self._seg.route.weights
+        routes = [
+            r
+            for r in self._plan.candidates
+            if r.weights == weights and r.id not in failed and r.provider in self._d.providers
+        ]
+        if not routes:
+            return None
+        served = "".join(self._text.get(0, []))
+        body = dict(self._body)
+        body["prompt"] = body["prompt"] + served
+        max_tokens = body.get("max_tokens")
+        if isinstance(max_tokens, int):
+            left = max_tokens - sum(s.completion_tokens for s in self._settled)
+            if left <= 0:
+                return self._finish_chunk("length")
+            body["max_tokens"] = left
+        stop = body.get("stop")
+        self._stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
+        try:
+            _, opened = await self._d._first_success(
+                self._plan, body, self._ctx, self._d.attempt_stream, routes=routes
+            )
+        except GatewayError:
+            return None
+        return opened
+
+    def _cut_at_stop(self, index: int, text: str, choice: dict[str, Any]) -> str:
+        """Apply stop sequences across the seam: the upstream only scans its own new text."""
+        longest = max(len(s) for s in self._stops)
+        tail = "".join(self._text.get(index, []))[-(longest - 1) :] if longest > 1 else ""
+        joined = tail + text
+        cut = None
+        for s in self._stops:
+            at = joined.find(s)
+            while at != -1 and at + len(s) <= len(tail):
+                at = joined.find(s, at + 1)
+            if at != -1 and (cut is None or at < cut):
+                cut = at
+        if cut is None:
+            return text
+        choice["finish_reason"] = "stop"
+        self._stopped = True
+        return text[: max(0, cut - len(tail))]
+
+    def _finish_chunk(self, reason: str) -> bytes:
+        chunk = {
+            "id": self._id,
+            "object": self._object or _chunk_object(self._ctx.endpoint),
+            "created": self._created,
+            "model": self._seg.model.id,
+            "provider": self._seg.route.provider,
+            "choices": [{"index": 0, "text": "", "finish_reason": reason, "logprobs": None}],
+        }
+        self._finished.add(0)
+        return b"data: " + _dumps(chunk) + b"\n\n"
+
+    def _observe_failure(self, kind: str) -> None:
+        if self._d.metrics is not None:
+            self._d.metrics.observe_failed_request(self._seg.model.id, kind, self._seg.route.id)
+
+
+def _chunk_object(endpoint: str) -> str:
+    return "chat.completion.chunk" if endpoint == "chat" else "text_completion"
+
+
+async def next_chunk(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
+    """The next chunk, or None at the end of the stream."""
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return None
+
+
+async def quietly_close(stream: ProviderStream) -> None:
+    try:
+        await stream.aclose()
+    except Exception as exc:  # closing a broken connection may fail again; nothing to do
+        log.debug("closing an upstream stream failed: %s", type(exc).__name__)
+
+
+def _dumps(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, separators=(",", ":")).encode()

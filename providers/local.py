@@ -1,0 +1,217 @@
+"""The self-hosted route: our own backend, in-process or over HTTP.
+
+    LOCAL_MODEL_DIR=/models/WizardLM-2-8x22B   in-process: the engine runs in this process
+    LOCAL_BASE_URL=http://gpu-box:8001/v1       over HTTP: `python -m local_backend serve` there
+
+In-process, the weights load on a background thread when the gateway starts: until they are
+in, the route reports no capacity (the router skips it, "at capacity") and /readyz says so.
+After that the route has capacity while the engine's queue accepts work, so a full backend is
+skipped rather than queued behind. Errors from the engine become UpstreamErrors: a full queue is
+retryable (429), anything else the backend refuses fails over to the next route, because a limit
+of ours (context, a parameter) says nothing about what a hosted route can do.
+
+torch is imported only when the in-process backend is built: the gateway installs without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.catalog import Catalog
+from gateway.errors import UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from providers.base import (
+    PhaseTimeouts,
+    Provider,
+    ProviderRequest,
+    ProviderResponse,
+    ProviderStream,
+)
+from providers.openai_compat import OpenAICompatProvider
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class LocalRejected(UpstreamError):
+    """The backend refused the request (its context, a parameter): try the next route."""
+
+    kind = "local_rejected"
+
+
+def local_route_model(catalog: Catalog) -> tuple[str, str]:
+    """(slug, chat_format) of the catalog's local route; the backend serves that one model."""
+    for model in catalog.models.values():
+        for route in model.routes:
+            if route.kind == "local":
+                return route.slug, model.chat_format
+    raise ValueError(f"{catalog.source}: no model has a route on a local provider")
+
+
+class InProcessLocalProvider:
+    """Our engine in this process, reached through its OpenAI service (no HTTP, no JSON)."""
+
+    def __init__(
+        self,
+        name: str,
+        model_dir: Path,
+        *,
+        model_name: str,
+        chat_format: str,
+        device: str,
+        dtype: str,
+        max_slots: int,
+        max_seq_len: int,
+        queue_size: int,
+    ) -> None:
+        self.name = name
+        self.model_name = model_name
+        self._load_args: dict[str, Any] = {
+            "model_dir": model_dir,
+            "model_name": model_name,
+            "chat_format": chat_format,
+            "device": None if device == "auto" else device,
+            "dtype_name": None if dtype == "auto" else dtype,
+            "max_slots": max_slots,
+            "max_seq_len": max_seq_len,
+            "queue_size": queue_size,
+        }
+        self._service: Any = None
+        self.load_error: str | None = None
+        self.loaded = threading.Event()
+        self._thread = threading.Thread(target=self._load, name="local-backend-load", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        try:
+            from local_backend.loader import DTYPES, load_service
+
+            args = dict(self._load_args)
+            dtype_name = args.pop("dtype_name")
+            dtype = DTYPES.get(dtype_name) if dtype_name else None
+            if dtype_name and dtype is None:
+                raise ValueError(f"LOCAL_DTYPE {dtype_name!r} is not one of {sorted(DTYPES)}")
+            self._service = load_service(dtype=dtype, **args)
+            log.info("local backend ready in %.1fs", time.perf_counter() - started)
+        except Exception as exc:  # reported on /readyz and in the route's skip reason
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.error("local backend failed to load: %s", self.load_error)
+        finally:
+            self.loaded.set()
+
+    async def ready(self) -> bool:
+        return self._service is not None and bool(self._service.engine.running)
+
+    def has_capacity(self) -> bool:
+        service = self._service
+        return service is not None and bool(service.engine.capacity().accepting)
+
+    async def aclose(self) -> None:
+        if self._service is not None:
+            await asyncio.to_thread(self._service.engine.stop)
+
+    async def chat(self, request: ProviderRequest) -> ProviderResponse | ProviderStream:
+        service = self._service
+        if service is None:
+            detail = self.load_error or "still loading"
+            raise UpstreamHTTPError(request.route_id, 503, f"local backend: {detail}")
+        body = dict(request.body, model=service.model_name)
+        timeouts = request.timeouts
+        started = time.perf_counter()
+        try:
+            if not request.stream:
+                call = service.chat if request.endpoint == "chat" else service.completion
+                async with asyncio.timeout(timeouts.total):
+                    result = await call(body)
+                return ProviderResponse(body=result, ttft_s=time.perf_counter() - started)
+            open_stream = (
+                service.chat_stream if request.endpoint == "chat" else service.completion_stream
+            )
+            chunks = await open_stream(body)
+        except TimeoutError:
+            raise UpstreamTimeout(request.route_id, "total") from None
+        except Exception as exc:
+            raise _upstream_error(request.route_id, exc) from None
+        return LocalStream(request.route_id, chunks, timeouts, started)
+
+
+class LocalStream:
+    """The engine's chunk iterator with the gateway's first-token, gap and total timeouts."""
+
+    def __init__(
+        self,
+        route_id: str,
+        chunks: AsyncIterator[dict[str, Any]],
+        timeouts: PhaseTimeouts,
+        started: float,
+    ) -> None:
+        self._route_id = route_id
+        self._chunks = chunks
+        self._timeouts = timeouts
+        self._started = started
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict[str, Any]]:
+        phase, limit = "first_token", self._timeouts.first_token
+        deadline = self._started + self._timeouts.total
+        iterator = aiter(self._chunks)
+        while True:
+            left = deadline - time.perf_counter()
+            wait = min(limit, left)
+            try:
+                chunk = await asyncio.wait_for(anext(iterator), timeout=max(wait, 0.0))
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(self._route_id, phase if wait < left else "total") from None
+            except Exception as exc:
+                raise _upstream_error(self._route_id, exc) from None
+            yield chunk
+            phase, limit = "gap", self._timeouts.gap
+
+    async def aclose(self) -> None:
+        close = getattr(self._chunks, "aclose", None)
+        if close is not None:
+            await close()  # the engine frees the sequence's slot at its next step
+
+
+def _upstream_error(route_id: str, exc: Exception) -> UpstreamError:
+    status = getattr(exc, "status", None)
+    message = getattr(exc, "message", None) or type(exc).__name__
+    if status in (429, 503):
+        return UpstreamHTTPError(route_id, status, f"local backend: {message}", retry_after=0.5)
+    if isinstance(status, int) and 400 <= status < 500:
+        return LocalRejected(route_id, f"local backend refused the request: {message}")
+    log.error("local backend failed a request: %s", message, exc_info=exc)
+    return UpstreamHTTPError(route_id, 500, "local backend error")
+
+
+def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
+    """In-process when LOCAL_MODEL_DIR is set, else our backend's server at LOCAL_BASE_URL."""
+    name = next(n for n, spec in catalog.providers.items() if spec.kind == "local")
+    if settings.local_model_dir is not None:
+        model_name, chat_format = local_route_model(catalog)
+        return InProcessLocalProvider(
+            name,
+            settings.local_model_dir,
+            model_name=model_name,
+            chat_format=chat_format,
+            device=settings.local_device,
+            dtype=settings.local_dtype,
+            max_slots=settings.local_max_slots,
+            max_seq_len=settings.local_max_seq_len,
+            queue_size=settings.local_queue_size,
+        )
+    assert settings.local_base_url is not None
+    key = settings.provider_key("local") or "local"
+    return OpenAICompatProvider(name, settings.local_base_url, key)

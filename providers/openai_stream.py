@@ -1,0 +1,143 @@
+"""An upstream's open event stream, as OpenAI chunk dicts (see openai_compat.py).
+
+    stream = OpenAIStream(route_id, response, clock, timeouts, strip_text, check_error)
+    async for chunk in stream: ...      # phase timeouts enforced between network reads
+    await stream.aclose()               # hangs up on the upstream
+
+Until the first chunk with output, reads are limited by the first-token phase (counted from the
+response headers); after it, by the gap between reads; always by the attempt's total. Leaked
+end-of-sequence text is stripped (also across chunks), and a chunk left with nothing to say
+(no text, tool call, finish_reason or usage) is dropped. A stream that ends without [DONE] is
+complete only if every choice said how it finished; otherwise it was cut.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+
+from gateway.errors import UpstreamConnectError, UpstreamProtocolError
+from providers.base import PhaseTimeouts
+from providers.phase_clock import NETWORK_ERRORS, PhaseClock
+from providers.sse import (
+    SSEDecoder,
+    TextStripper,
+    choice_text_key,
+    chunk_carries_output,
+    normalize_usage,
+)
+
+
+class OpenAIStream:
+    """An open upstream event stream: async-iterate OpenAI chunk dicts; `aclose()` hangs up."""
+
+    def __init__(
+        self,
+        route_id: str,
+        response: httpx.Response,
+        clock: PhaseClock,
+        timeouts: PhaseTimeouts,
+        strip_text: tuple[str, ...],
+        check_error: Callable[[str, dict[str, Any]], None],
+    ):
+        self._route_id = route_id
+        self._response = response
+        self._clock = clock
+        self._t = timeouts
+        self._headers_at = clock.now()  # the first-token phase starts with the headers
+        self._strip = strip_text
+        self._check_error = check_error
+        self._iterator: AsyncIterator[dict[str, Any]] | None = None
+
+    def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
+        if self._iterator is None:
+            self._iterator = self._chunks()
+        return self._iterator
+
+    async def aclose(self) -> None:
+        iterator, self._iterator = self._iterator, None
+        if iterator is not None:
+            await iterator.aclose()  # type: ignore[attr-defined]
+        await self._response.aclose()
+
+    async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
+        route_id, clock, t = self._route_id, self._clock, self._t
+        reads = self._response.aiter_bytes()
+        decoder = SSEDecoder()
+        stripper = TextStripper(self._strip) if self._strip else None
+        started = False  # a chunk with output arrived: from now on only the gap limit applies
+        finished: set[int] = set()
+        choices_seen: set[int] = set()
+        while True:
+            try:
+                if started:
+                    data = await clock.wait(anext(reads, None), "gap", t.gap)
+                else:
+                    data = await clock.wait(
+                        anext(reads, None), "first_token", t.first_token, since=self._headers_at
+                    )
+            except NETWORK_ERRORS:
+                raise UpstreamConnectError(route_id, "the stream was cut") from None
+            except httpx.HTTPError as exc:
+                raise UpstreamProtocolError(
+                    route_id, f"stream failure ({type(exc).__name__})"
+                ) from None
+            payloads = decoder.feed(data) if data is not None else decoder.close()
+            for payload in payloads:
+                if payload.strip() == b"[DONE]":
+                    return
+                chunk = self._decode_chunk(payload)
+                for choice in chunk.get("choices") or ():
+                    if isinstance(choice, dict):
+                        index = choice.get("index", 0)
+                        choices_seen.add(index)
+                        if choice.get("finish_reason"):
+                            finished.add(index)
+                if stripper is not None and not self._strip_chunk(stripper, chunk):
+                    continue
+                if not started and chunk_carries_output(chunk):
+                    started = True
+                yield chunk
+            if data is None:
+                # No [DONE]: complete only if every choice said how it finished.
+                if choices_seen and choices_seen <= finished:
+                    return
+                raise UpstreamConnectError(route_id, "the stream ended before it finished")
+
+    def _decode_chunk(self, payload: bytes) -> dict[str, Any]:
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            raise UpstreamProtocolError(self._route_id, "malformed JSON in the stream") from None
+        if not isinstance(chunk, dict):
+            raise UpstreamProtocolError(self._route_id, "a stream event is not a JSON object")
+        self._check_error(self._route_id, chunk)
+        if "usage" in chunk:
+            normalize_usage(chunk["usage"])
+        return chunk
+
+    @staticmethod
+    def _strip_chunk(stripper: TextStripper, chunk: dict[str, Any]) -> bool:
+        """Strip leaked text in place; False when the chunk is left with nothing to say."""
+        keep = bool(chunk.get("usage"))
+        for choice in chunk.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            where = choice_text_key(choice)
+            if where is not None:
+                holder, key = where
+                text = holder.get(key)
+                text = stripper.push(index, text) if isinstance(text, str) else ""
+                if choice.get("finish_reason"):
+                    text += stripper.flush(index)
+                if text or isinstance(holder.get(key), str):
+                    holder[key] = text
+                if text:
+                    keep = True
+            if choice.get("finish_reason") or chunk_carries_output({"choices": [choice]}):
+                keep = True
+        return keep

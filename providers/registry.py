@@ -1,0 +1,72 @@
+"""Build the app's Provider instances from the catalog and the settings.
+
+    providers = build_providers(catalog, settings)   # {"deepinfra": OpenAICompatProvider, ...}
+    ...
+    await close_providers(providers)
+
+A hosted provider is built only when its `<PROVIDER>_API_KEY` is set; `<PROVIDER>_BASE_URL`
+overrides the catalog's base URL. Optional headers the catalog lists (OpenRouter's HTTP-Referer
+and X-Title) are filled from `<provider>_referer` / `<provider>_title` settings when set.
+The local route exists only when the local backend is configured (LOCAL_MODEL_DIR in-process,
+or LOCAL_BASE_URL over HTTP): `providers.local.build_local_provider` builds it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from gateway.catalog import Catalog, ProviderSpec
+from providers.base import Provider
+from providers.local import build_local_provider
+from providers.openai_compat import OpenAICompatProvider
+
+if TYPE_CHECKING:
+    from gateway.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# optional header -> the settings field suffix that fills it
+_OPTIONAL_HEADER_SETTINGS = {"HTTP-Referer": "referer", "X-Title": "title"}
+
+
+def optional_headers(name: str, spec: ProviderSpec, settings: Settings) -> dict[str, str]:
+    headers = {}
+    for header in spec.optional_headers:
+        suffix = _OPTIONAL_HEADER_SETTINGS.get(header)
+        value = getattr(settings, f"{name}_{suffix}", None) if suffix else None
+        if isinstance(value, str) and value:
+            headers[header] = value
+    return headers
+
+
+def build_providers(catalog: Catalog, settings: Settings) -> dict[str, Provider]:
+    providers: dict[str, Provider] = {}
+    for name, spec in catalog.providers.items():
+        if spec.kind == "local":
+            if settings.local_base_url is not None or settings.local_model_dir is not None:
+                providers[name] = build_local_provider(settings, catalog)
+            continue
+        key = settings.provider_key(name)
+        if not key:
+            continue
+        base_url = settings.provider_base_url(name) or spec.base_url
+        assert base_url is not None  # the catalog requires one for openai_compat
+        providers[name] = OpenAICompatProvider(
+            name,
+            base_url,
+            key,
+            headers=optional_headers(name, spec, settings),
+            strip_text=tuple(spec.strip_text),
+        )
+    return providers
+
+
+async def close_providers(providers: dict[str, Provider]) -> None:
+    results = await asyncio.gather(
+        *(p.aclose() for p in providers.values()), return_exceptions=True
+    )
+    for name, result in zip(providers, results, strict=True):
+        if isinstance(result, BaseException):
+            log.warning("closing provider %s failed: %s", name, type(result).__name__)
