@@ -176,6 +176,10 @@ class Engine:
     # -- public API ------------------------------------------------------------------------------
 
     def start(self) -> Engine:
+        """Capture the decode step's CUDA graphs (when the model runs the triton kernels on
+        CUDA), then start the engine thread; requests may be submitted before or after."""
+        if self._thread is None:
+            self._scheduler.warm_up()
         with self._cond:
             if self._thread is None:
                 self._stopping = False

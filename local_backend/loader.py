@@ -6,7 +6,9 @@
 The server (`python -m local_backend serve`) and the gateway's in-process provider both call
 load_service. On CUDA (or when a weight format is forced) the weights go through
 quantize.load_quantized, which picks the widest of bf16 / int8 / int4 that fits the device with
-the asked KV cache; elsewhere they load as-is in `dtype`. Either way memory_plan decides up
+the asked KV cache; elsewhere they load as-is in `dtype`. Both paths install the kernel backend
+that kernels.select_backend picks (triton on CUDA, torch elsewhere; `kernel_backend` forces
+one), and the engine's decode follows it (decode_runner.py). Either way memory_plan decides up
 front, and DoesNotFitError explains the arithmetic instead of an out-of-memory error mid-load.
 """
 
@@ -106,12 +108,16 @@ def load_model(
         )  # fmt: skip
         log.info("memory plan: %s", plan.reason)
         return model
+    from local_backend.kernels import install, select_backend  # imports triton: load time only
+
+    backend = select_backend(device, kernel_backend)  # a backend that cannot run fails here
     config = ModelConfig.from_model_dir(model_dir)
     plan = plan_memory(config, device, dtype, tokens_per_step=prefill_token_budget, **sizes)
     log.info("memory plan: %s", plan.reason)
     if not plan.fits:
         raise memory_plan.DoesNotFitError(plan.reason)
-    return Transformer.from_model_dir(model_dir, device=device, dtype=dtype, progress=False)
+    model = Transformer.from_model_dir(model_dir, device=device, dtype=dtype, progress=False)
+    return install(model, backend)
 
 
 def load_service(

@@ -7,7 +7,9 @@ A step runs up to two forward passes:
    in all). Ragged chunks are right-padded with position -1, which the model neither writes
    to the cache nor attends to. A sequence whose prompt completes samples its first token
    from the logits of its last prompt position.
-2. decode: every sequence that has a sampled token not yet in the cache feeds it (T = 1).
+2. decode: every sequence that has a sampled token not yet in the cache feeds it (T = 1),
+   through a DecodeRunner: kernels.decode_step replayed from a CUDA graph per batch bucket
+   when the model has the triton backend, else the model's forward (decode_runner.py).
 
 Sequences join (`add`) and leave (`remove`, or by finishing) between steps, each in its own
 slot, so a sequence's tokens never depend on its batch mates beyond float rounding.
@@ -24,6 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
+from local_backend.decode_runner import DecodeRunner
 from local_backend.generation import ChoiceDelta, GenerationRequest, StopStringMatcher
 from local_backend.sampling import SamplingState, TokenLogprob, sample
 
@@ -86,6 +89,7 @@ class Scheduler:
         self.prefill_chunk = prefill_chunk
         self.prefill_token_budget = max(prefill_token_budget, prefill_chunk)
         self.device = next(model.parameters()).device
+        self.decode_runner = DecodeRunner(model, cache, max_slots)
         self.sequences: list[Sequence] = []
 
     @property
@@ -137,6 +141,10 @@ class Scheduler:
             self._release(seq)
         return owners
 
+    def warm_up(self) -> None:
+        """Capture the decode step's CUDA graphs before the first request (see DecodeRunner)."""
+        self.decode_runner.warm_up()
+
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
         prefill = self._prefill_rows()
@@ -173,7 +181,9 @@ class Scheduler:
             positions[b, :chunk] = torch.arange(start, start + chunk)
         # Only each row's last chunk token can yield a first sampled token: ask the model for
         # those logits alone instead of materialising [B, T, V].
-        logits = self._forward(tokens, positions, [s for s, _ in rows], last_only=True)  # [B, 1, V]
+        slots = torch.tensor([s.slot for s, _ in rows], dtype=torch.long, device=self.device)
+        tokens, positions = tokens.to(self.device), positions.to(self.device)
+        logits = self.model(tokens, positions, self.cache, slots, last_token_only=True)  # [B, 1, V]
         done: list[int] = []
         for b, (seq, chunk) in enumerate(rows):
             seq.num_cached += chunk
@@ -185,25 +195,12 @@ class Scheduler:
         return self._sample_and_emit(final_logits, [rows[b][0] for b in done])
 
     def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
-        tokens = torch.tensor([[s.tokens[-1]] for s in seqs], dtype=torch.long)  # [B, 1]
-        positions = torch.tensor([[s.num_cached] for s in seqs], dtype=torch.long)  # [B, 1]
-        logits = self._forward(tokens, positions, seqs)  # [B, 1, V]
+        logits = self.decode_runner(
+            [s.tokens[-1] for s in seqs], [s.num_cached for s in seqs], [s.slot for s in seqs]
+        )  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
-        return self._sample_and_emit(logits[:, -1], seqs)
-
-    def _forward(
-        self,
-        tokens: torch.Tensor,
-        positions: torch.Tensor,
-        seqs: list[Sequence],
-        last_only: bool = False,
-    ) -> torch.Tensor:
-        slots = torch.tensor([s.slot for s in seqs], dtype=torch.long, device=self.device)
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        if last_only:
-            return self.model(tokens, positions, self.cache, slots, last_token_only=True)
-        return self.model(tokens, positions, self.cache, slots)
+        return self._sample_and_emit(logits, seqs)
 
     # -- sampling, text and stopping ------------------------------------------------------------
 

@@ -142,7 +142,7 @@ def test_padding_rows_never_touch_the_cache(
         torch.tensor(positions)[:, None],
         reference,
         torch.tensor(slots),
-    )  # [3, 1, V]; fmt: skip
+    )  # [3, 1, V]
     assert logits.shape == (3, config.vocab_size)
     assert_close(logits, expected[:, -1], atol=FP32_TOL, rtol=FP32_TOL)
     written = torch.zeros(4, 32, dtype=torch.bool)  # [slots, positions]

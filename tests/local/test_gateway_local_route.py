@@ -18,7 +18,7 @@ import pytest
 from gateway.settings import HOSTED_PROVIDERS
 from local_backend.loader import load_service
 from tests.fakes.server import ServerThread
-from tests.fakes.upstream import Fault, FakeUpstreams
+from tests.fakes.upstream import FakeUpstreams, Fault
 from tests.gateway.conftest import Gateway, gateway_settings
 
 MODEL = "microsoft/wizardlm-2-8x22b"
@@ -85,7 +85,7 @@ def test_local_route_answers_sdk_chat(start: Callable[..., Gateway], reference: 
     expected = reference({"messages": MESSAGES, "max_tokens": 12, "temperature": 0})
 
     reply = client.chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0  # type: ignore[arg-type]
+        model=MODEL, messages=MESSAGES, max_tokens=12, temperature=0
     )
     completion = reply.parse()
     assert reply.headers["x-gateway-provider"] == "local"
@@ -105,7 +105,7 @@ def test_local_route_streams(start: Callable[..., Gateway], reference: Any) -> N
     expected = reference({"messages": MESSAGES, "max_tokens": 12, "temperature": 0})
     stream = gateway.openai().chat.completions.create(
         model=MODEL,
-        messages=MESSAGES,  # type: ignore[arg-type]
+        messages=MESSAGES,
         max_tokens=12,
         temperature=0,
         stream=True,
@@ -132,7 +132,7 @@ def test_falls_back_to_local_when_every_hosted_route_fails(
     expected = reference({"messages": MESSAGES, "max_tokens": 8, "temperature": 0})
 
     reply = gateway.openai().chat.completions.with_raw_response.create(
-        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0  # type: ignore[arg-type]
+        model=MODEL, messages=MESSAGES, max_tokens=8, temperature=0
     )
     assert reply.headers["x-gateway-provider"] == "local"
     assert int(reply.headers["x-gateway-attempts"]) > len(HOSTED_PROVIDERS)
