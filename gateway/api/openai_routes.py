@@ -91,7 +91,7 @@ async def serve(request: Request, endpoint: Endpoint) -> Any:
     body = await read_json_body(request, state.settings.max_body_bytes)
     validate_request(body, endpoint)
     debug = _wants_attempts(request, body)
-    plan = state.router.plan(body, endpoint)
+    plan = await state.router.aplan(body, endpoint)
     options = body.get("stream_options")
     ctx = RequestContext(
         endpoint=endpoint,

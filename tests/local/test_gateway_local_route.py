@@ -9,6 +9,7 @@ that something came back.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def start(fakes: FakeUpstreams, tiny_hf_model_dir: Path) -> Iterator[Callable[..
 
     def start_gateway(**overrides: Any) -> Gateway:
         fakes.reset()
-        settings = gateway_settings(fakes, local_model_dir=tiny_hf_model_dir, **LOCAL, **overrides)
+        options = {**LOCAL, **overrides}
+        settings = gateway_settings(fakes, local_model_dir=tiny_hf_model_dir, **options)
         gateway = Gateway(settings)
         gateway.server.start()
         started.append(gateway)
@@ -150,3 +152,42 @@ def test_local_route_is_skipped_beyond_its_kv_cache(start: Callable[..., Gateway
         reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": long_chat})
     assert reply.status_code == 400
     assert reply.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_local_route_is_skipped_while_its_queue_is_full(start: Callable[..., Gateway]) -> None:
+    from local_backend.generation import GenerationRequest
+
+    gateway = start(**NO_HOSTED_KEYS, local_max_slots=1, local_queue_size=1)
+    local = gateway.state.providers["local"]
+    engine = local._service.engine  # type: ignore[attr-defined]
+    prompt = [1, 415, 2936, 9060, 285, 1142]
+    long_run = GenerationRequest(prompt_tokens=prompt, max_tokens=200, ignore_eos=True)
+
+    async def fill() -> list[Any]:
+        running = engine.submit(long_run)  # takes the only slot
+        await anext(aiter(running))  # it is running, not waiting
+        waiting = engine.submit(GenerationRequest(prompt_tokens=prompt, max_tokens=4))
+        return [running, waiting]
+
+    streams = gateway.call(fill())
+    try:
+        assert not local.has_capacity()
+        with gateway.http() as http:
+            reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
+        assert reply.status_code == 503
+        assert reply.json()["error"]["skipped"]["local/wizardlm-2-8x22b"] == "at capacity"
+    finally:
+
+        async def release() -> None:
+            for stream in streams:
+                await stream.aclose()
+
+        gateway.call(release())
+    deadline = time.monotonic() + 10
+    while not local.has_capacity() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert local.has_capacity()
+    reply = gateway.openai().chat.completions.create(
+        model=MODEL, messages=MESSAGES, max_tokens=2, temperature=0
+    )
+    assert reply.model_extra is not None and reply.model_extra["provider"] == "local"
