@@ -14,10 +14,12 @@ is what lets a buffer coalesce them and a snapshot overlay them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gateway.stats.base import CircuitStatus, RouteHealth, StatsOptions, WindowStats
+from gateway.stats.windows import FINE_S, bucket_start
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +50,21 @@ class CircuitState:
         return CircuitState(base + delta.trailing, last)
 
     def status(self, options: StatsOptions, now: float) -> CircuitStatus:
+        return self.status_span(options, now)[0]
+
+    def status_span(self, options: StatsOptions, now: float) -> tuple[CircuitStatus, float, float]:
+        """The status at `now` and the span [start, end) of times it holds for while the state
+        stays as it is: "open" ends when the cool-down does, without any new record, so a
+        cached health must not outlive `end`. One expression (`cools_at`) decides both the
+        status and the span, so a cache and a fresh read can never disagree at the boundary."""
         if self.consecutive_failures < options.failure_threshold:
-            return "closed"
-        if self.last_failure_at is not None and now - self.last_failure_at < options.cooldown_s:
-            return "open"
-        return "half_open"
+            return "closed", -math.inf, math.inf
+        if self.last_failure_at is None:
+            return "half_open", -math.inf, math.inf
+        cools_at = self.last_failure_at + options.cooldown_s
+        if now < cools_at:
+            return "open", -math.inf, cools_at
+        return "half_open", cools_at, math.inf
 
 
 def _latest(a: float | None, b: float | None) -> float | None:
@@ -63,15 +75,25 @@ def _latest(a: float | None, b: float | None) -> float | None:
     return max(a, b)
 
 
-def build_health(
+# A route's health and the span [start, end) of clock times it stays true for, unless a record
+# or a snapshot read changes the state it was built from (the stores drop it then).
+HealthEntry = tuple[RouteHealth, float, float]
+
+
+def health_entry(
     route_id: str,
     windows: Mapping[str, WindowStats],
     circuit: CircuitState,
     options: StatsOptions,
     now: float,
-) -> RouteHealth:
-    status = circuit.status(options, now)
-    return RouteHealth(
+) -> HealthEntry:
+    """Builds a route's health for caching. It holds for the current minute at most: windows
+    cover whole buckets (60 s fine, 900 s coarse, both aligned on minutes), so they slide only
+    when the minute changes; and for the span of the circuit status (an open circuit turns
+    half-open when its cool-down ends)."""
+    status, start, end = circuit.status_span(options, now)
+    minute = bucket_start(now, FINE_S)
+    health = RouteHealth(
         route_id=route_id,
         windows=windows,
         consecutive_failures=circuit.consecutive_failures,
@@ -79,3 +101,4 @@ def build_health(
         circuit_open=status == "open",
         circuit=status,
     )
+    return health, max(minute, start), min(minute + FINE_S, end)

@@ -19,10 +19,9 @@ from gateway.stats.base import (
     StatsOptions,
     Usage,
     UsageTotals,
-    WindowStats,
     check_usage_query,
 )
-from gateway.stats.circuit import CircuitDelta, CircuitState, build_health
+from gateway.stats.circuit import CircuitDelta, CircuitState, HealthEntry, health_entry
 from gateway.stats.metrics import StatsMetrics
 from gateway.stats.usage import (
     DAY_S,
@@ -34,11 +33,12 @@ from gateway.stats.usage import (
     usage_vector,
     utc_day,
 )
-from gateway.stats.windows import FINE_S, WINDOWS, LazyWindows, RouteWindows, bucket_start
+from gateway.stats.windows import EMPTY_WINDOWS, FINE_S, LazyWindows, RouteWindows, bucket_start
 
 logger = logging.getLogger("gateway.stats")
 MAX_ROUTES = 1024  # route ids come from the catalog; this only guards against a runaway caller
-EMPTY_WINDOWS = {name: WindowStats() for name in WINDOWS}
+# cached healths: the routes with history (<= MAX_ROUTES) and as many never-seen ones asked about
+MAX_CACHED_HEALTH = 2 * MAX_ROUTES
 _last_record_warning: float | None = None
 
 
@@ -80,7 +80,8 @@ class MemoryStats:
         self._windows: dict[str, RouteWindows] = {}
         self._circuits: dict[str, CircuitState] = {}
         self._usage: dict[UsageKey, UsageVector] = {}
-        self._health_cache: dict[str, tuple[tuple[int, int, int], LazyWindows]] = {}
+        # route -> (health, valid from, valid until): dropped on every record of the route
+        self._health: dict[str, HealthEntry] = {}
         self._pruned_at = 0
         self.metrics.bind_store(
             pending=lambda: 0,
@@ -101,6 +102,7 @@ class MemoryStats:
             self._windows.setdefault(route, RouteWindows()).add_attempt(attempt, at)
             circuit = self._circuits.get(route, CircuitState())
             self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
+            self._health.pop(route, None)
             self._maybe_prune()
         except Exception as exc:  # a stats bug must never fail a request
             self.metrics.record_errors.inc()
@@ -119,18 +121,25 @@ class MemoryStats:
     # -- reads ---------------------------------------------------------------------------------
 
     def route_health(self, route_id: str) -> RouteHealth:
+        """O(1) on the router's hot path: the cached health while the clock is inside the span
+        it holds for (see circuit.health_entry), else rebuilt once."""
         now = self._clock()
+        entry = self._health.get(route_id)
+        if entry is not None and entry[1] <= now < entry[2]:
+            return entry[0]
+        return self._build_health(route_id, now)
+
+    def _build_health(self, route_id: str, now: float) -> RouteHealth:
         windows = self._windows.get(route_id)
         circuit = self._circuits.get(route_id, CircuitState())
-        if windows is None:
-            return build_health(route_id, EMPTY_WINDOWS, circuit, self.options, now)
-        stamp = (windows.version, bucket_start(now, FINE_S), bucket_start(now, WINDOWS["1d"][0]))
-        cached = self._health_cache.get(route_id)
-        if cached is None or cached[0] != stamp:
+        lazy = EMPTY_WINDOWS
+        if windows is not None:
             found: RouteWindows = windows  # the lambda needs the narrowed type
             lazy = LazyWindows(lambda name: found.window(name, now).stats())
-            cached = self._health_cache[route_id] = (stamp, lazy)
-        return build_health(route_id, cached[1], circuit, self.options, now)
+        entry = health_entry(route_id, lazy, circuit, self.options, now)
+        if route_id in self._health or len(self._health) < MAX_CACHED_HEALTH:
+            self._health[route_id] = entry
+        return entry[0]
 
     def all_health(self) -> list[RouteHealth]:
         return [self.route_health(route) for route in sorted(self._windows)]
@@ -171,6 +180,7 @@ class MemoryStats:
         if minute == self._pruned_at:
             return
         self._pruned_at = minute
+        # pruned buckets are out of every window: no health (cached or not) changes
         for windows in self._windows.values():
             windows.prune(now)
         oldest = utc_day(now - self.options.usage_ttl_days * DAY_S)

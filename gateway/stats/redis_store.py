@@ -30,7 +30,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -48,16 +48,16 @@ from gateway.stats.base import (
     WindowStats,
     check_usage_query,
 )
-from gateway.stats.circuit import CircuitDelta, CircuitState, build_health
+from gateway.stats.circuit import CircuitDelta, CircuitState, HealthEntry, health_entry
 from gateway.stats.memory import check_route, event_time, warn_not_recorded
 from gateway.stats.metrics import StatsMetrics
 from gateway.stats.pending import PendingDeltas
 from gateway.stats.redis_batch import APPLY_BATCH_LUA, APPLY_BATCH_SHA, KeySpace, SealedBatch, seal
-from gateway.stats.snapshot import ReadScope, Snapshot
+from gateway.stats.snapshot import ReadPlan, ReadScope, Snapshot
 from gateway.stats.usage import add_into, decode_fields, group, utc_day
 from gateway.stats.windows import (
+    EMPTY_WINDOWS,
     FINE_S,
-    WINDOWS,
     LazyWindows,
     bucket_start,
     in_window,
@@ -94,9 +94,9 @@ class RedisStats:
         self._pending = PendingDeltas()
         self._sealed: SealedBatch | None = None
         self._snapshot = Snapshot(self._keys)
-        self._overlay_gen = 0  # bumps on every seal and ack: health caches key on it ...
-        self._route_gen: dict[str, int] = {}  # ... and on every record of the route
-        self._health_cache: dict[str, tuple[tuple[int, ...], LazyWindows]] = {}
+        # route -> (health, valid from, valid until): dropped on every record of the route and
+        # on every tick that changes what the route's health is made of (see _absorb)
+        self._health: dict[str, HealthEntry] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._send_script_body = False
@@ -121,7 +121,7 @@ class RedisStats:
                 raise ValueError("too many distinct routes")
             self.metrics.observe_attempt(attempt)
             self._pending.add_attempt(attempt, at, with_samples=self._room_for_samples())
-            self._route_gen[route] = self._route_gen.get(route, 0) + 1
+            self._health.pop(route, None)
         except Exception as exc:  # a stats bug must never fail a request
             self.metrics.record_errors.inc()
             warn_not_recorded("attempt", exc)
@@ -165,27 +165,42 @@ class RedisStats:
     # -- reads ---------------------------------------------------------------------------------
 
     def route_health(self, route_id: str) -> RouteHealth:
+        """O(1) on the router's hot path: the cached health while the clock is inside the span
+        it holds for (see circuit.health_entry), else rebuilt once."""
         now = self._clock()
+        entry = self._health.get(route_id)
+        if entry is not None and entry[1] <= now < entry[2]:
+            return entry[0]
+        return self._build_health(route_id, now)
+
+    def _build_health(self, route_id: str, now: float) -> RouteHealth:
         if isinstance(route_id, str) and route_id:
             self._snapshot.know(route_id)  # so refreshes fetch what other processes recorded
+        overlays = self._overlays()
         circuit = self._snapshot.circuits.get(route_id, CircuitState())
-        for deltas in self._overlays():
+        for deltas in overlays:
             circuit = circuit.apply(deltas.circuits.get(route_id, CircuitDelta()))
-        snapshot = self._snapshot.windows.get(route_id)
-        stamp = (
-            snapshot.version if snapshot else -1,
-            self._overlay_gen,
-            self._route_gen.get(route_id, 0),
-            bucket_start(now, FINE_S),
-            bucket_start(now, WINDOWS["1d"][0]),
-        )
-        cached = self._health_cache.get(route_id)
-        if cached is None or cached[0] != stamp:
+        lazy: Mapping[str, WindowStats] = EMPTY_WINDOWS
+        if route_id in self._snapshot.windows or any(route_id in d.windows for d in overlays):
             lazy = LazyWindows(lambda name: self._window_stats(route_id, name, now))
-            cached = (stamp, lazy)
-            if route_id in self._snapshot.routes:  # bounded: only routes we track
-                self._health_cache[route_id] = cached
-        return build_health(route_id, cached[1], circuit, self.options, now)
+        entry = health_entry(route_id, lazy, circuit, self.options, now)
+        # only routes every recent/full read covers (bounded by MAX_ROUTES), so that no change
+        # can reach a route's data without passing through _forget
+        if route_id in self._snapshot.routes:
+            self._health[route_id] = entry
+        return entry[0]
+
+    def _forget(self, routes: Iterable[str]) -> None:
+        for route in routes:
+            self._health.pop(route, None)
+
+    def _absorb(self, plan: ReadPlan, replies: list[Any], now: float) -> bool:
+        """Puts a tick's reads into the snapshot and drops the cached health of every route
+        they covered (which includes every route of the batch the tick sent)."""
+        try:
+            return self._snapshot.absorb(plan, replies, now)
+        finally:
+            self._forget(plan.circuits)
 
     def _overlays(self) -> list[PendingDeltas]:
         """What this process recorded that the snapshot does not hold yet."""
@@ -341,7 +356,8 @@ class RedisStats:
                 now=now,
             )
             self._pending = PendingDeltas()
-            self._overlay_gen += 1
+            # the sum of the overlays is unchanged, but be safe: their routes are rebuilt
+            self._forget(self._sealed.deltas.circuits)
         batch = self._sealed
         plan = self._snapshot.plan(batch.deltas.touched() if batch else {}, scope, now)
         if batch is None and plan.empty:
@@ -372,15 +388,14 @@ class RedisStats:
                     self._rejected_since = now
                 if now - self._rejected_since < GIVE_UP_REJECTED_S:
                     logger.warning("stats: batch %d rejected, will retry: %s", batch.seq, reply)
-                    self._snapshot.absorb(plan, replies, now)
+                    self._absorb(plan, replies, now)
                     return "rejected"
                 logger.error("stats: batch %d rejected for a minute, dropped: %s", batch.seq, reply)
             else:
                 self.metrics.flushes.labels("ok" if reply == 1 else "duplicate").inc()
             self._rejected_since = None
             self._sealed = None
-            self._overlay_gen += 1
-        learned = self._snapshot.absorb(plan, replies, now)
+        learned = self._absorb(plan, replies, now)
         return "learned" if learned else "ok"
 
     def _mark(self, connected: bool, error: BaseException | None = None) -> None:

@@ -253,13 +253,12 @@ class RouteWindows:
     """One route's buckets, with each window's sum kept up to date incrementally so that a
     health read costs a few dict merges, not a pass over 126 buckets."""
 
-    __slots__ = ("_anchor", "_sums", "buckets", "version")
+    __slots__ = ("_anchor", "_sums", "buckets")
 
     def __init__(self) -> None:
         self.buckets: dict[BucketKey, Bucket] = {}
         self._sums: dict[str, Bucket] = {}
         self._anchor: dict[str, int] = {}  # window -> current bucket start its sum is for
-        self.version = 0  # bumps on every change; health caches key on it
 
     def add_attempt(self, attempt: Attempt, at: float) -> None:
         sample = sample_of(attempt)
@@ -268,7 +267,6 @@ class RouteWindows:
             for name, anchor in self._anchor.items():
                 if in_window(key, name, anchor):
                     self._sums[name].add_sample(sample)
-        self.version += 1
 
     def replace(self, key: BucketKey, bucket: Bucket) -> None:
         old = self.buckets.pop(key, None)
@@ -277,12 +275,10 @@ class RouteWindows:
         if bucket.attempts or bucket.entries > 2:
             self.buckets[key] = bucket
             self._shift_sums(key, bucket, 1)
-        self.version += 1
 
     def prune(self, now: float) -> None:
         for key in [k for k in self.buckets if ttl_s(k, now) <= 0]:
             del self.buckets[key]
-        self.version += 1
 
     def window(self, name: str, now: float) -> Bucket:
         """The sum of the buckets in a window (shared: copy before mutating)."""
@@ -344,3 +340,7 @@ def window_stats(parts: Iterable[Bucket]) -> WindowStats:
     for part in parts:
         total.merge(part)
     return total.stats()
+
+
+# The windows of a route with no history: one shared, read-only constant (pickles to a dict).
+EMPTY_WINDOWS: Mapping[str, WindowStats] = LazyWindows(lambda _name: WindowStats())

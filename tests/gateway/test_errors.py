@@ -132,10 +132,10 @@ def test_an_unexpected_exception_is_a_500_without_details(
 ) -> None:
     secret = PROVIDER_KEYS["lepton"]
 
-    def broken(body: Any, endpoint: str) -> Any:
+    async def broken(body: Any, endpoint: str) -> Any:
         raise RuntimeError(f"router bug while holding {secret}")
 
-    gateway.state.router.plan = broken  # type: ignore[method-assign,assignment]
+    gateway.state.router.aplan = broken  # type: ignore[method-assign,assignment]
     with caplog.at_level(logging.ERROR):
         error = error_of(post(gateway, {"model": MODEL, "messages": HI}), 500)
     assert error == {"message": "internal error", "type": "api_error", "code": None}
