@@ -56,7 +56,10 @@ class PriceOverride:
 def _check_price(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise InvalidRequest(f"{name} must be a number (USD per 1M tokens)", param=name)
-    price = float(value)
+    try:
+        price = float(value)
+    except OverflowError:  # an integer beyond any float (10**400): out of range like inf
+        price = math.inf
     if not math.isfinite(price) or price < 0 or price > MAX_PRICE_PER_M:
         raise InvalidRequest(
             f"{name} must be between 0 and {MAX_PRICE_PER_M:g} USD per 1M tokens", param=name

@@ -65,7 +65,12 @@ from gateway.routing_prefs import (
     parse_model_list,
     parse_provider_prefs,
 )
-from gateway.routing_prompt import MINIMAL_CHAT, PromptCounterLike, PromptText
+from gateway.routing_prompt import (
+    MINIMAL_CHAT,
+    PromptCounterLike,
+    PromptText,
+    without_surrogates,
+)
 from gateway.stats.base import StatsStore
 
 __all__ = [
@@ -81,6 +86,7 @@ __all__ = [
     "recent_stat",
 ]
 
+_FLOAT_EXACT = 2**53
 TYPICAL_COMPLETION_TOKENS = 256  # prices the completion when the request sets no max_tokens
 
 Availability = set[str] | frozenset[str] | Callable[[str], bool | str | None]
@@ -107,9 +113,17 @@ class RoutePlan:
 class _CountNeeded(Exception):
     """aplan(): this model's prompt must be counted exactly (off the event loop) first."""
 
-    def __init__(self, model: Model, key: tuple[str, str]):
+    def __init__(self, model: Model, key: tuple[str, str], body: dict[str, Any]):
         self.model = model
         self.key = key
+        self.body = body  # what to count (lone surrogates replaced, see routing_prompt.py)
+
+
+def request_cost(prompt: int, completion: int, input_price: float, output_price: float) -> float:
+    """USD for the token mix; prices are USD per 1M tokens. Counts are capped at 2^53 (exact
+    as floats): a bigger one fails every context check anyway and must not overflow float()."""
+    prompt, completion = min(prompt, _FLOAT_EXACT), min(completion, _FLOAT_EXACT)
+    return (prompt * input_price + completion * output_price) / 1e6
 
 
 class NotConfigured(str):
@@ -222,7 +236,7 @@ class Router:
             input_price,
             output_price,
             completion,
-            (cost_tokens * input_price + completion * output_price) / 1e6,
+            request_cost(cost_tokens, completion, input_price, output_price),
             fit_error,
             self.unavailable(route),
             self._stats.route_health(route.id) if with_health else NO_HEALTH,
@@ -260,7 +274,7 @@ class Router:
             except _CountNeeded as need:
                 assert self._counter is not None
                 counts[need.key] = await asyncio.to_thread(
-                    self._counter.count, need.model, body, endpoint
+                    self._counter.count, need.model, need.body, endpoint
                 )
 
     def _plan(
@@ -281,12 +295,14 @@ class Router:
         max_tokens = requested_max_tokens(body)
         asked = Asked.of(body)
         text = PromptText.of(body, endpoint)
+        # the tokenizer cannot encode a lone surrogate: it counts the text with U+FFFD instead
+        counted = without_surrogates(body) if text.surrogates else body
 
         plan = RoutePlan(models[0], [], {}, text.estimate, False, max_tokens, models)
         fit_errors: list[str] = []
         for index, model in enumerate(models):
             cost_tokens, exact = text.estimate, text.exact
-            fit_tokens = cost_tokens if exact else self.prompt_bound(model, text, body, endpoint)
+            fit_tokens = cost_tokens if exact else self.prompt_bound(model, text, counted, endpoint)
             evals = [
                 self._evaluate(r, fit_tokens, cost_tokens, max_tokens, exact, False)
                 for r in model.routes
@@ -296,8 +312,8 @@ class Router:
                 key = (model.tokenizer, model.chat_format)
                 if key not in exact_counts:
                     if defer:
-                        raise _CountNeeded(model, key)
-                    exact_counts[key] = self._counter.count(model, body, endpoint)
+                        raise _CountNeeded(model, key, counted)
+                    exact_counts[key] = self._counter.count(model, counted, endpoint)
                 fit_tokens = cost_tokens = exact_counts[key]
                 exact = True
                 evals = [

@@ -38,6 +38,9 @@ _NOT_PARAMS = GATEWAY_FIELDS | {
 }
 
 
+MAX_BUDGET = 2**31 - 1  # as api/schemas.py: a completion budget is an int32 everywhere
+
+
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_n: int | None
@@ -74,8 +77,8 @@ def requested_max_tokens(body: dict[str, Any]) -> int | None:
         value = body.get(key)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise InvalidRequest(f"{key}: must be a positive integer", param=key)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_BUDGET:
+            raise InvalidRequest(f"{key}: must be an integer from 1 to {MAX_BUDGET}", param=key)
         return value
     return None
 

@@ -24,6 +24,7 @@ routes charge per token only). Any other key, or a wrong type, is a 400 naming t
 from __future__ import annotations
 
 import functools
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -115,9 +116,15 @@ def _name_list(field: str, value: object) -> tuple[str, ...]:
 def _price(field: str, value: object) -> float | None:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(field, "must be a non-negative number (USD per 1M tokens)")
-    return float(value)
+    try:
+        price = float(value)  # OverflowError for an integer beyond any float
+    except OverflowError:
+        price = math.inf
+    if math.isnan(price) or price < 0:  # NaN would pass every comparison: no cap at all
+        raise _bad(field, "must be a non-negative number (USD per 1M tokens)")
+    return price  # +inf (1e400 in JSON): no cap, as the client wrote
 
 
 def parse_provider_prefs(value: object) -> ProviderPrefs:

@@ -25,6 +25,7 @@ The estimate for prices is bytes / 4 (a typical English ratio) plus the same per
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -36,8 +37,30 @@ DEFAULT_ALLOWANCE = 192  # BOS + WizardLM-2's 153-byte default system prompt + t
 MINIMAL_CHAT: dict[str, Any] = {"messages": [{"role": "user", "content": ""}]}
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _nbytes(text: str) -> int:
-    return len(text) if text.isascii() else len(text.encode("utf-8"))
+    """UTF-8 bytes of the text, never raising. A lone surrogate ("\\ud800" in the JSON) is
+    not valid UTF-8; "surrogatepass" counts it as 3 bytes, what U+FFFD (its usual replacement
+    downstream, and ours: `without_surrogates`) takes, so the bound stays an upper bound."""
+    return len(text) if text.isascii() else len(text.encode("utf-8", "surrogatepass"))
+
+
+def _has_surrogates(text: str) -> bool:
+    return not text.isascii() and _SURROGATE.search(text) is not None
+
+
+def without_surrogates(value: Any) -> Any:
+    """A copy of a JSON value with every lone surrogate replaced by U+FFFD: what the tokenizer
+    is given (it cannot encode them), counted as `_nbytes` counts them."""
+    if isinstance(value, str):
+        return _SURROGATE.sub("\ufffd", value)
+    if isinstance(value, list):
+        return [without_surrogates(item) for item in value]
+    if isinstance(value, dict):
+        return {without_surrogates(k): without_surrogates(v) for k, v in value.items()}
+    return value
 
 
 @dataclass(slots=True)
@@ -50,6 +73,7 @@ class PromptText:
     token_ids: int = 0  # completions: prompts given as token ids, counted exactly already
     plain: bool = True  # chat: string contents only, no tools / tool calls / parts
     completions: bool = False
+    surrogates: bool = False  # some text holds a lone surrogate: count `without_surrogates`
 
     @classmethod
     def of(cls, body: dict[str, Any], endpoint: str) -> PromptText:
@@ -69,13 +93,20 @@ class PromptText:
         tools = body.get("tools")
         if tools:
             out.plain = False
-            out.nbytes += len(json.dumps(tools, ensure_ascii=False).encode("utf-8"))
+            out._add_text(json.dumps(tools, ensure_ascii=False))
         return out
+
+    def _add_text(self, text: str) -> None:
+        if text.isascii():
+            self.nbytes += len(text)
+            return
+        self.nbytes += _nbytes(text)
+        self.surrogates = self.surrogates or _has_surrogates(text)
 
     def _add_message(self, message: dict[str, Any]) -> None:
         content = message.get("content")
         if isinstance(content, str):
-            self.nbytes += len(content) if content.isascii() else len(content.encode("utf-8"))
+            self._add_text(content)
             if len(message) <= 2:  # {"role", "content"}: the common case, nothing else to read
                 return
         elif content is not None:
@@ -83,20 +114,20 @@ class PromptText:
             if isinstance(content, list):
                 for part in content:
                     if isinstance(part, dict) and isinstance(part.get("text"), str):
-                        self.nbytes += _nbytes(part["text"])
+                        self._add_text(part["text"])
         for key in ("name", "tool_call_id"):
             value = message.get(key)
             if isinstance(value, str):
                 self.plain = False
-                self.nbytes += _nbytes(value)
+                self._add_text(value)
         calls = message.get("tool_calls")
         if calls:
             self.plain = False
-            self.nbytes += len(json.dumps(calls, ensure_ascii=False).encode("utf-8"))
+            self._add_text(json.dumps(calls, ensure_ascii=False))
 
     def _add_prompt(self, prompt: object) -> None:
         if isinstance(prompt, str):
-            self.nbytes += _nbytes(prompt)
+            self._add_text(prompt)
             self.texts += 1
         elif isinstance(prompt, list):
             if prompt and all(isinstance(t, int) for t in prompt):
@@ -104,7 +135,7 @@ class PromptText:
                 return
             for item in prompt:
                 if isinstance(item, str):
-                    self.nbytes += _nbytes(item)
+                    self._add_text(item)
                     self.texts += 1
                 elif isinstance(item, list):
                     self.token_ids += sum(1 for t in item if isinstance(t, int))

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 import time
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -43,6 +44,7 @@ router = APIRouter(prefix="/admin")
 COOKIE = "gw_admin"
 SESSION_S = 12 * 3600
 MAX_FORM_BYTES = 16 * 1024
+_EXPIRY = re.compile(r"[0-9]{1,12}")  # a session cookie's expiry: unix seconds
 
 
 class _Denied(Exception):
@@ -65,10 +67,15 @@ def session_cookie(token: str, now: float | None = None) -> str:
 
 
 def _valid_cookie(token: str, value: str) -> bool:
+    # The cookie is the client's: only ASCII digits, at most 12 of them (unix seconds until
+    # the year 33658), reach int(); "²" or 5000 digits are simply not a session.
     expires_text, _, mac = value.partition(".")
-    if not expires_text.isdigit() or int(expires_text) < time.time():
+    if _EXPIRY.fullmatch(expires_text) is None:
         return False
-    return hmac.compare_digest(mac.encode(), _session_mac(token, int(expires_text)).encode())
+    expires = int(expires_text)
+    if expires < time.time():
+        return False
+    return hmac.compare_digest(mac.encode(), _session_mac(token, expires).encode())
 
 
 def _token(state: GatewayState) -> str | None:

@@ -5,22 +5,30 @@ reaches the upstream exactly as sent) after these models have checked the standa
 types and ranges once. Strict: "0.7" is not a temperature, true is not a max_tokens. Unknown
 fields pass (`extra="allow"`): providers' own parameters (repetition_penalty, top_k, min_p ...)
 and OpenRouter's routing fields (`provider`, `models`) which the router reads.
+
+Bounds: every integer field has a ceiling (token budgets and ids fit int32, a seed int64), so a
+400-digit max_tokens is the client's 400 naming the field, never arithmetic trouble further on;
+floats must be finite (NaN passes every range check otherwise).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from gateway.errors import InvalidRequest
 
+INT32_MAX = 2**31 - 1  # token budgets and ids: far above any context, and what upstreams take
 NonEmpty = Annotated[str, Field(min_length=1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
+TokenBudget = Annotated[int, Field(ge=1, le=INT32_MAX)]
+TokenId = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
 
 class FunctionSpec(_Open):
@@ -65,14 +73,14 @@ class _Sampling(_Open):
     model: NonEmpty
     stream: bool | None = None
     stream_options: StreamOptions | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenBudget | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(ge=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
     stop: str | list[str] | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     models: list[NonEmpty] | None = None
@@ -82,7 +90,7 @@ class _Sampling(_Open):
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: TokenBudget | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     parallel_tool_calls: bool | None = None
@@ -92,7 +100,7 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[TokenId] | list[list[TokenId]]
     echo: bool | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
     best_of: Annotated[int, Field(ge=1, le=20)] | None = None
@@ -105,13 +113,41 @@ _SCHEMAS: dict[str, type[_Sampling]] = {
 }
 
 
+def _union_tags() -> dict[str, frozenset[str]]:
+    """field name -> the tags pydantic puts in an error's loc after it, one per union branch
+    ("str", "list[str]", "NamedToolChoice" ...). Learned from pydantic itself, by validating a
+    value no branch accepts, so they are exact whatever the annotations become."""
+    models: list[type[BaseModel]] = [ChatCompletionRequest, CompletionRequest, Message, Tool]
+    models += [FunctionSpec, NamedToolChoice, ResponseFormat, StreamOptions, Debug]
+    tags: dict[str, set[str]] = {}
+    for model in models:
+        for name, info in model.model_fields.items():
+            if info.annotation is None:
+                continue
+            try:
+                TypeAdapter(info.annotation).validate_python(object(), strict=True)
+            except ValidationError as exc:
+                found = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+                if found:
+                    tags.setdefault(name, set()).update(found)
+    return {name: frozenset(found) for name, found in tags.items()}
+
+
+_UNION_TAGS = _union_tags()
+
+
 def _where(loc: tuple[Any, ...]) -> str:
+    """pydantic's loc as the client's path: "tools[0].function.strict". A part is dropped only
+    when it is a union-branch tag right after the union field itself, never a real name (a
+    field "stream", a logit_bias key "str")."""
     out = ""
+    previous: Any = None
     for part in loc:
         if isinstance(part, int):
             out += f"[{part}]"
-        elif not str(part).startswith(("function-", "str", "list[", "dict[", "int", "float")):
-            out += f".{part}" if out else str(part)  # skip pydantic's union-branch names
+        elif not (isinstance(previous, str) and part in _UNION_TAGS.get(previous, ())):
+            out += f".{part}" if out else str(part)
+        previous = part
     return out
 
 

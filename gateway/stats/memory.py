@@ -28,6 +28,7 @@ from gateway.stats.usage import (
     UsageKey,
     UsageVector,
     add_into,
+    clamp_usage,
     group,
     usage_key,
     usage_vector,
@@ -40,6 +41,7 @@ MAX_ROUTES = 1024  # route ids come from the catalog; this only guards against a
 # cached healths: the routes with history (<= MAX_ROUTES) and as many never-seen ones asked about
 MAX_CACHED_HEALTH = 2 * MAX_ROUTES
 _last_record_warning: float | None = None
+_last_clamp_warning: float | None = None
 
 
 def warn_not_recorded(what: str, exc: Exception) -> None:
@@ -50,6 +52,27 @@ def warn_not_recorded(what: str, exc: Exception) -> None:
     if _last_record_warning is None or now - _last_record_warning >= 60.0:
         _last_record_warning = now
         logger.warning("stats: %s not recorded: %s", what, exc)
+
+
+def plausible_usage(usage: Usage, metrics: StatsMetrics) -> Usage:
+    """The record clamped to its plausible range (usage.clamp_usage); each clamped field is
+    counted in moegw_stats_usage_clamped_total{route,field}, and a warning is logged at most
+    once a minute (a broken upstream reports on every request)."""
+    global _last_clamp_warning
+    clamped, fields = clamp_usage(usage)
+    if fields:
+        for name in fields:
+            metrics.usage_clamped.labels(clamped.route_id, name).inc()
+        now = time.monotonic()
+        if _last_clamp_warning is None or now - _last_clamp_warning >= 60.0:
+            _last_clamp_warning = now
+            logger.warning(
+                "stats: implausible usage from route %s clamped (%s): %s",
+                clamped.route_id,
+                ", ".join(f"{name}={getattr(usage, name)!r:.40}" for name in fields),
+                "see moegw_stats_usage_clamped_total",
+            )
+    return clamped
 
 
 def event_time(at: float | None, clock: Callable[[], float]) -> float:
@@ -112,6 +135,7 @@ class MemoryStats:
         try:
             check_route(usage.route_id)
             at = event_time(usage.at, self._clock)
+            usage = plausible_usage(usage, self.metrics)
             self.metrics.observe_usage(usage)
             add_into(self._usage, usage_key(usage, at), usage_vector(usage))
         except Exception as exc:

@@ -16,6 +16,8 @@ Series (all prefixed moegw_):
     attempt_latency_seconds / attempt_ttft_seconds{route}        histograms
     stats_pending_records, stats_pending_entries, stats_connected   gauges
     stats_flushes_total{result}, stats_dropped_samples_total, stats_record_errors_total
+    stats_usage_clamped_total{route,field}   implausible usage values clamped (usage.py)
+    stats_batch_increments_dropped_total     increments a Redis counter could not take
     route_circuit_open{route}, route_consecutive_failures{route}, route_uptime{route,window}
 """
 
@@ -94,6 +96,17 @@ class StatsMetrics:
         )
         self.record_errors = Counter(
             "moegw_stats_record_errors", "record_* calls that could not be recorded", registry=r
+        )
+        self.usage_clamped = Counter(
+            "moegw_stats_usage_clamped",
+            "Implausible usage values (huge, negative, NaN) clamped before recording",
+            ["route", "field"],
+            registry=r,
+        )
+        self.batch_increments_dropped = Counter(
+            "moegw_stats_batch_increments_dropped",
+            "Increments left out of a batch because Redis's counter would overflow",
+            registry=r,
         )
         self._source = _StoreCollector()
         r.register(self._source)

@@ -18,8 +18,9 @@ into the bounded buffer and the in-flight batch is resent unchanged on each tick
 answers: nothing lost, nothing applied twice. An error *reply* to the batch (READONLY during a
 failover, OOM, a foreign key in our namespace) is retried the same way, and dropped with an
 error log once it has been rejected for GIVE_UP_REJECTED_S, so that a permanent error cannot
-wedge the channel. The script claims the sequence number before writing, so a script that
-failed half-way is acknowledged as a duplicate on the retry: partial, never double.
+wedge the channel. The script checks every op before writing and claims the sequence number
+last, so a refused batch applied nothing; one refused because a counter would overflow is
+resent at once without that increment (redis_batch.py), never dropped whole.
 aclose() flushes for up to close_timeout_s.
 """
 
@@ -49,10 +50,18 @@ from gateway.stats.base import (
     check_usage_query,
 )
 from gateway.stats.circuit import CircuitDelta, CircuitState, HealthEntry, health_entry
-from gateway.stats.memory import check_route, event_time, warn_not_recorded
+from gateway.stats.memory import check_route, event_time, plausible_usage, warn_not_recorded
 from gateway.stats.metrics import StatsMetrics
 from gateway.stats.pending import PendingDeltas
-from gateway.stats.redis_batch import APPLY_BATCH_LUA, APPLY_BATCH_SHA, KeySpace, SealedBatch, seal
+from gateway.stats.redis_batch import (
+    APPLY_BATCH_LUA,
+    APPLY_BATCH_SHA,
+    KeySpace,
+    SealedBatch,
+    overflowing_increment,
+    seal,
+    without_increment,
+)
 from gateway.stats.snapshot import ReadPlan, ReadScope, Snapshot
 from gateway.stats.usage import add_into, decode_fields, group, utc_day
 from gateway.stats.windows import (
@@ -130,6 +139,7 @@ class RedisStats:
         try:
             check_route(usage.route_id)
             at = event_time(usage.at, self._clock)
+            usage = plausible_usage(usage, self.metrics)
             self.metrics.observe_usage(usage)
             self._pending.add_usage(usage, at)
         except Exception as exc:
@@ -382,6 +392,14 @@ class RedisStats:
                 self._send_script_body = True
                 return "noscript"
             self._send_script_body = False
+            overflow = overflowing_increment(reply) if isinstance(reply, Exception) else None
+            if overflow is not None:  # nothing applied: resend at once without that increment
+                logger.error(
+                    "stats: batch %d: counter full, increment dropped: %s", batch.seq, reply
+                )
+                self.metrics.batch_increments_dropped.inc()
+                self._sealed = without_increment(batch, *overflow)
+                return "resend"  # like NOSCRIPT: nothing ran, the reads are redone with it
             if isinstance(reply, Exception):
                 self.metrics.flushes.labels("rejected").inc()
                 if self._rejected_since is None:

@@ -5,6 +5,17 @@ same key fold into one vector of four integers, so a buffer of them never grows 
 only with the number of distinct keys. Cost is summed in integer pico-dollars (1e-12 USD;
 a record is rounded by at most 5e-13 USD) so that totals are exact whatever the order of
 addition, in memory and in Redis (HINCRBY) alike.
+
+Plausibility. One upstream reporting absurd usage (prompt_tokens=1e14, a negative count, a NaN
+cost) must not poison the totals nor overflow Redis's 64-bit counters, so every record is
+clamped first (`clamp_usage`; the stores log a warning and count it in
+moegw_stats_usage_clamped_total): token counts to [0, MAX_TOKENS_PER_RECORD], cost to
+[0, MAX_COST_USD_PER_RECORD]; NaN, -inf and non-numbers become 0, +inf the ceiling. The
+ceilings are far above any real request (contexts are ~10^5 tokens, prices at most 10^3 USD
+per 1M tokens) and keep one record far from overflowing: a day's token counter needs ~10^11
+ceiling-sized records to reach 2^63, its cost counter (pico-USD) ~900. Should a Redis counter
+still be about to overflow, the batch script refuses the batch whole and the store resends it
+without that one increment (redis_batch.py), so other records are never lost with it.
 """
 
 from __future__ import annotations
@@ -14,6 +25,7 @@ import json
 import math
 import time
 from collections.abc import Hashable, Iterable
+from dataclasses import replace
 from typing import TypeVar
 
 from gateway.stats.base import Usage, UsageTotals
@@ -21,6 +33,8 @@ from gateway.stats.base import Usage, UsageTotals
 PICO_PER_USD = 10**12
 USAGE_FIELDS = ("req", "pt", "ct", "cost")  # requests, prompt, completion, cost (pico-USD)
 DAY_S = 86_400
+MAX_TOKENS_PER_RECORD = 10**8  # per count (prompt, completion) of one record
+MAX_COST_USD_PER_RECORD = 10.0**4  # one request costing more is a wrong usage report
 
 UsageKey = tuple[str, str, str, str]  # (day, route, model, client)
 UsageVector = list[int]  # [requests, prompt_tokens, completion_tokens, cost_pico_usd]
@@ -40,15 +54,42 @@ def usage_key(usage: Usage, at: float) -> UsageKey:
     return (utc_day(at), usage.route_id, usage.model, usage.client_key)
 
 
+def _clamped(value: object, ceiling: float) -> float:
+    """value inside [0, ceiling]; anything not a finite real number (NaN, None, "12") is 0."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and not math.isfinite(value):
+        return ceiling if value > 0 else 0  # +inf is "too much", NaN and -inf are "unknown"
+    return min(max(value, 0), ceiling)
+
+
+def clamp_usage(usage: Usage) -> tuple[Usage, tuple[str, ...]]:
+    """The record with every value inside its plausible range (module doc), and the names of
+    the fields that had to change (empty for a sane record: then `usage` itself)."""
+    prompt = int(_clamped(usage.prompt_tokens, MAX_TOKENS_PER_RECORD))
+    completion = int(_clamped(usage.completion_tokens, MAX_TOKENS_PER_RECORD))
+    cost = float(_clamped(usage.cost_usd, MAX_COST_USD_PER_RECORD))
+    changed = tuple(
+        name
+        for name, before, after in (
+            ("prompt_tokens", usage.prompt_tokens, prompt),
+            ("completion_tokens", usage.completion_tokens, completion),
+            ("cost_usd", usage.cost_usd, cost),
+        )
+        if isinstance(before, bool) or not isinstance(before, int | float) or before != after
+    )
+    if not changed:
+        return usage, ()
+    return replace(
+        usage, prompt_tokens=prompt, completion_tokens=completion, cost_usd=cost
+    ), changed
+
+
 def usage_vector(usage: Usage) -> UsageVector:
-    """Clamps what cannot be right (negative or non-finite) to zero rather than failing."""
-    cost = usage.cost_usd if math.isfinite(usage.cost_usd) and usage.cost_usd > 0 else 0.0
-    return [
-        1,
-        max(0, int(usage.prompt_tokens)),
-        max(0, int(usage.completion_tokens)),
-        round(cost * PICO_PER_USD),
-    ]
+    """The record as integers; `usage` has been through clamp_usage (the stores do it), the
+    guards here only keep a direct caller from failing."""
+    usage, _ = clamp_usage(usage)
+    return [1, usage.prompt_tokens, usage.completion_tokens, round(usage.cost_usd * PICO_PER_USD)]
 
 
 def add_into(target: dict[K, UsageVector], key: K, vector: UsageVector) -> bool:
