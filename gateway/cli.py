@@ -237,9 +237,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.app import create_app
+    from gateway.api.http_server import GatewayHttpProtocol
 
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # uvicorn builds every access-log line's arguments before the logger checks its level:
+        # when the level hides INFO, nothing would be written, so leave the work undone.
+        access_log=settings.log_level.lower() in ("info", "debug", "trace"),
+        http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
     )
     return 0
 

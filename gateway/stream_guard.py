@@ -27,7 +27,6 @@ to then is recorded.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.accounting import Settled, client_usage, output_text, reported_counts
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.routing import RoutePlan
+from providers import json_codec
 from providers.base import ProviderStream
 from providers.sse import choice_text_key
 
@@ -126,7 +126,7 @@ class StreamGuard:
 
     def _emit(self, chunk: dict[str, Any]) -> bytes | None:
         usage = chunk.pop("usage", None)
-        if reported_counts(usage) is not None:
+        if usage is not None and reported_counts(usage) is not None:
             self._seg_usage = usage
         choices = chunk.get("choices")
         if not choices:
@@ -217,7 +217,14 @@ class StreamGuard:
         # upstream really processed; the client's usage (total()) keeps the prompt it sent.
         self._settled.append(
             acct.settle(
-                seg.route, seg.model, self._ctx.client_key, prompt, completion, counted=counted
+                seg.route,
+                seg.model,
+                self._ctx.client_key,
+                prompt,
+                completion,
+                counted=counted,
+                # a failed segment's usage is written at once, with its failed attempt
+                after=self._ctx.after_response if error is None else None,
             )
         )
 
@@ -324,4 +331,4 @@ async def quietly_close(stream: ProviderStream) -> None:
 
 
 def _dumps(data: dict[str, Any]) -> bytes:
-    return json.dumps(data, separators=(",", ":")).encode()
+    return json_codec.dumps(data)

@@ -4,10 +4,12 @@
     result = await provider.chat(ProviderRequest(route_id, slug, body, "chat", timeouts))
 
 One `httpx.AsyncClient` per provider lives as long as the app: it holds the provider's default
-headers and its pooled keep-alive transport (providers/http1.py). Requests are `httpx.Request`s
-sent straight through that transport: the client's per-request pipeline (auth flow, redirects,
-cookie jar, event hooks; none of which we use) costs about 0.2 ms a request on the 2-core
-machines we measure on (bench/overhead.py). So cookies an upstream sets are never kept either.
+headers and its pooled keep-alive transport (providers/http1.py). Requests skip httpx's
+per-request objects: the request line and headers are encoded once per endpoint, and each call
+hands that head plus its JSON body to the transport's `request()`; the client's per-request
+pipeline (auth flow, redirects, cookie jar, event hooks; none of which we use) and httpx's
+Request/Response objects cost about 0.3 ms a request on the 2-core machines we measure on
+(bench/overhead.py). So cookies an upstream sets are never kept either.
 Each call enforces the phase timeouts it is given, each raising `UpstreamTimeout(phase)`:
 connect (httpx's connect timeout), headers (request sent -> status line), first_token (headers
 -> first chunk with output, or the whole body of a non-stream), gap (between two network reads
@@ -37,8 +39,9 @@ from gateway.errors import (
     UpstreamTimeout,
     redact,
 )
+from providers import json_codec
 from providers.base import PhaseTimeouts, ProviderRequest, ProviderResponse
-from providers.http1 import Http1Transport
+from providers.http1 import Http1Response, Http1Transport, Origin, origin_of, request_head
 from providers.openai_stream import OpenAIStream
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock
 from providers.sse import TextStripper, normalize_usage
@@ -65,16 +68,6 @@ def parse_retry_after(value: str | None, now: float | None = None) -> float | No
     return max(0.0, seconds) if seconds == seconds else None  # NaN is no answer
 
 
-@functools.lru_cache(maxsize=64)
-def _timeout_ext_cached(connect: float) -> tuple[tuple[str, float | None], ...]:
-    return (("connect", connect), ("read", None), ("write", None), ("pool", connect))
-
-
-def _timeout_extension(connect: float) -> dict[str, float | None]:
-    """httpx's per-request timeouts: only connect (and pool) — the phases are ours."""
-    return dict(_timeout_ext_cached(connect))
-
-
 @functools.cache
 def shared_ssl_context() -> ssl.SSLContext:
     """One TLS context (CA bundle loaded once) for every provider's client: loading it costs
@@ -94,14 +87,12 @@ class OpenAICompatProvider:
         headers: dict[str, str] | None = None,
         strip_text: tuple[str, ...] = (),
         max_connections: int = 256,
-        transport: httpx.AsyncBaseTransport | None = None,
+        transport: Http1Transport | None = None,
     ):
         self.name = name
         self._secret = (api_key,)
         self._strip = tuple(s for s in strip_text if s)
         base_url = base_url.rstrip("/")
-        # Parsed once: httpx would otherwise parse and merge the URL on every request.
-        self._urls = {endpoint: httpx.URL(base_url + path) for endpoint, path in _PATHS.items()}
         self._transport = transport or Http1Transport(
             ssl_context=shared_ssl_context(), max_connections=max_connections
         )
@@ -119,6 +110,12 @@ class OpenAICompatProvider:
             trust_env=False,  # never pick up a proxy with credentials from the environment
             transport=self._transport,
         )
+        # Each endpoint's URL, origin and request head (line + headers), encoded once.
+        self._urls = {endpoint: httpx.URL(base_url + path) for endpoint, path in _PATHS.items()}
+        self._heads: dict[str, tuple[Origin, bytes]] = {
+            endpoint: (origin_of(url), request_head("POST", url, self._client.headers.raw))
+            for endpoint, url in self._urls.items()
+        }
 
     async def ready(self) -> bool:
         return not self._client.is_closed
@@ -133,33 +130,50 @@ class OpenAICompatProvider:
 
     async def chat(self, request: ProviderRequest) -> ProviderResponse | OpenAIStream:
         t = request.timeouts
-        clock = PhaseClock(request.route_id, t.total)
         body = dict(request.body)
         body["model"] = request.slug
-        headers = self._client.headers
+        content = json_codec.dumps(body)
+        origin, head = self._heads[request.endpoint]
         if request.extra_headers:
-            headers = httpx.Headers(headers)
+            headers = httpx.Headers(self._client.headers)
             headers.update(request.extra_headers)
-        # Built directly rather than with client.build_request: the URL is parsed already and
-        # the client's headers need no merging, which is most of build_request's work.
-        http_request = httpx.Request(
-            "POST",
-            self._urls[request.endpoint],
-            headers=headers,
-            content=json.dumps(body).encode(),
-            extensions={"timeout": _timeout_extension(min(t.connect, t.total))},
-        )
-        response = await self._send(http_request, clock, t)
+            head = request_head("POST", self._urls[request.endpoint], headers.raw)
+        head += b"content-length: %d\r\n\r\n" % len(content)
+        clock = PhaseClock(request.route_id, t.total)
         try:
-            if response.status_code >= 300:
+            response = await self._send(origin, head, content, clock, t)
+            raw = await self._read(request, response, clock)
+        except BaseException:
+            clock.stop()
+            raise
+        if isinstance(raw, OpenAIStream):
+            return raw  # the clock goes on with the stream, which stops it
+        clock.stop()
+        data = self._decode_body(request.route_id, raw)
+        if request.stream:
+            # A JSON answer to a stream request: an error, or a provider ignoring `stream`.
+            raise UpstreamProtocolError(request.route_id, "expected an event stream, got JSON")
+        return ProviderResponse(
+            body=data, upstream_id=data.get("id"), ttft_s=clock.now() - clock.start
+        )
+
+    async def _read(
+        self, request: ProviderRequest, response: Http1Response, clock: PhaseClock
+    ) -> bytes | OpenAIStream:
+        """The body of a JSON answer, or the stream a stream request was answered with."""
+        t = request.timeouts
+        try:
+            if response.status >= 300:
                 await self._raise_for_status(response, clock, t)
-            if request.stream and response.headers.get("content-type", "").startswith(
+            if request.stream and (response.header(b"content-type") or "").startswith(
                 "text/event-stream"
             ):
                 return OpenAIStream(
                     request.route_id, response, clock, t, self._strip, self.raise_embedded_error
                 )
-            raw = await clock.wait(response.aread(), "first_token", t.first_token)
+            if response.complete:  # all here already: nothing to wait for, nothing to time
+                return await response.aread()
+            return await clock.wait(response.aread(), "first_token", t.first_token)
         except UpstreamError:
             await response.aclose()
             raise
@@ -171,25 +185,21 @@ class OpenAICompatProvider:
         except BaseException:
             await response.aclose()
             raise
-        data = self._decode_body(request.route_id, raw)
-        if request.stream:
-            # A JSON answer to a stream request: an error, or a provider ignoring `stream`.
-            raise UpstreamProtocolError(request.route_id, "expected an event stream, got JSON")
-        return ProviderResponse(
-            body=data, upstream_id=data.get("id"), ttft_s=clock.now() - clock.start
-        )
 
     async def _send(
-        self, request: httpx.Request, clock: PhaseClock, t: PhaseTimeouts
-    ) -> httpx.Response:
+        self, origin: Origin, head: bytes, content: bytes, clock: PhaseClock, t: PhaseTimeouts
+    ) -> Http1Response:
         route_id = clock.route_id
+        connect = min(t.connect, t.total)
         try:
             # The headers phase starts once connected; a slow connect has its own limit.
-            response: httpx.Response = await clock.wait(
-                self._transport.handle_async_request(request), "headers", t.connect + t.headers
+            return await clock.wait(
+                self._transport.request(
+                    origin, head, content, pool_timeout=connect, connect_timeout=connect
+                ),
+                "headers",
+                t.connect + t.headers,
             )
-            response.request = request
-            return response
         except (httpx.ConnectTimeout, httpx.PoolTimeout):
             raise UpstreamTimeout(route_id, "connect") from None
         except httpx.ConnectError:
@@ -202,9 +212,9 @@ class OpenAICompatProvider:
             raise UpstreamProtocolError(route_id, f"HTTP failure ({type(exc).__name__})") from None
 
     async def _raise_for_status(
-        self, response: httpx.Response, clock: PhaseClock, t: PhaseTimeouts
+        self, response: Http1Response, clock: PhaseClock, t: PhaseTimeouts
     ) -> NoReturn:
-        route_id, status = clock.route_id, response.status_code
+        route_id, status = clock.route_id, response.status
         if status in (401, 403):
             raise UpstreamAuthError(route_id, status)
         try:
@@ -212,7 +222,7 @@ class OpenAICompatProvider:
         except (UpstreamTimeout, *NETWORK_ERRORS):
             raw = b""
         detail = self._error_detail(raw)
-        retry_after = parse_retry_after(response.headers.get("retry-after"))
+        retry_after = parse_retry_after(response.header(b"retry-after"))
         raise UpstreamHTTPError(route_id, status, detail, retry_after=retry_after)
 
     def _error_detail(self, raw: bytes | str) -> str:
@@ -235,7 +245,7 @@ class OpenAICompatProvider:
 
     def _decode_body(self, route_id: str, raw: bytes) -> dict[str, Any]:
         try:
-            data = json.loads(raw)
+            data = json_codec.loads(raw)
         except ValueError:
             raise UpstreamProtocolError(route_id, "malformed JSON body") from None
         if not isinstance(data, dict):

@@ -13,14 +13,15 @@ complete only if every choice said how it finished; otherwise it was cut.
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 
 from gateway.errors import UpstreamConnectError, UpstreamProtocolError
+from providers import json_codec
 from providers.base import PhaseTimeouts
+from providers.http1 import Http1Response
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock
 from providers.sse import (
     SSEDecoder,
@@ -37,7 +38,7 @@ class OpenAIStream:
     def __init__(
         self,
         route_id: str,
-        response: httpx.Response,
+        response: Http1Response,
         clock: PhaseClock,
         timeouts: PhaseTimeouts,
         strip_text: tuple[str, ...],
@@ -58,58 +59,68 @@ class OpenAIStream:
         return self._iterator
 
     async def aclose(self) -> None:
+        self._clock.stop()
         iterator, self._iterator = self._iterator, None
         if iterator is not None:
             await iterator.aclose()  # type: ignore[attr-defined]
         await self._response.aclose()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        route_id, clock, t = self._route_id, self._clock, self._t
-        reads = self._response.aiter_bytes()
         decoder = SSEDecoder()
         stripper = TextStripper(self._strip) if self._strip else None
         started = False  # a chunk with output arrived: from now on only the gap limit applies
         finished: set[int] = set()
         choices_seen: set[int] = set()
-        while True:
-            try:
-                if started:
-                    data = await clock.wait(anext(reads, None), "gap", t.gap)
-                else:
-                    data = await clock.wait(
-                        anext(reads, None), "first_token", t.first_token, since=self._headers_at
+        try:
+            while True:
+                data = await self._read(started)
+                payloads = decoder.feed(data) if data is not None else decoder.close()
+                for payload in payloads:
+                    if payload.strip() == b"[DONE]":
+                        return
+                    chunk = self._decode_chunk(payload)
+                    for choice in chunk.get("choices") or ():
+                        if isinstance(choice, dict):
+                            index = choice.get("index", 0)
+                            choices_seen.add(index)
+                            if choice.get("finish_reason"):
+                                finished.add(index)
+                    if stripper is not None and not self._strip_chunk(stripper, chunk):
+                        continue
+                    if not started and chunk_carries_output(chunk):
+                        started = True
+                    yield chunk
+                if data is None:
+                    # No [DONE]: complete only if every choice said how it finished.
+                    if choices_seen and choices_seen <= finished:
+                        return
+                    raise UpstreamConnectError(
+                        self._route_id, "the stream ended before it finished"
                     )
-            except NETWORK_ERRORS:
-                raise UpstreamConnectError(route_id, "the stream was cut") from None
-            except httpx.HTTPError as exc:
-                raise UpstreamProtocolError(
-                    route_id, f"stream failure ({type(exc).__name__})"
-                ) from None
-            payloads = decoder.feed(data) if data is not None else decoder.close()
-            for payload in payloads:
-                if payload.strip() == b"[DONE]":
-                    return
-                chunk = self._decode_chunk(payload)
-                for choice in chunk.get("choices") or ():
-                    if isinstance(choice, dict):
-                        index = choice.get("index", 0)
-                        choices_seen.add(index)
-                        if choice.get("finish_reason"):
-                            finished.add(index)
-                if stripper is not None and not self._strip_chunk(stripper, chunk):
-                    continue
-                if not started and chunk_carries_output(chunk):
-                    started = True
-                yield chunk
-            if data is None:
-                # No [DONE]: complete only if every choice said how it finished.
-                if choices_seen and choices_seen <= finished:
-                    return
-                raise UpstreamConnectError(route_id, "the stream ended before it finished")
+        finally:
+            self._clock.stop()  # the stream is over: its timer is not needed
+
+    async def _read(self, started: bool) -> bytes | None:
+        """The next bytes from the network (None at the end), within the phase's limit."""
+        response, clock, t = self._response, self._clock, self._t
+        try:
+            if response.ready:  # already here (or the end is): nothing to wait for or time
+                return await response.next_bytes()
+            if started:
+                return await clock.wait(response.next_bytes(), "gap", t.gap)
+            return await clock.wait(
+                response.next_bytes(), "first_token", t.first_token, since=self._headers_at
+            )
+        except NETWORK_ERRORS:
+            raise UpstreamConnectError(self._route_id, "the stream was cut") from None
+        except httpx.HTTPError as exc:
+            raise UpstreamProtocolError(
+                self._route_id, f"stream failure ({type(exc).__name__})"
+            ) from None
 
     def _decode_chunk(self, payload: bytes) -> dict[str, Any]:
         try:
-            chunk = json.loads(payload)
+            chunk = json_codec.loads(payload)
         except ValueError:
             raise UpstreamProtocolError(self._route_id, "malformed JSON in the stream") from None
         if not isinstance(chunk, dict):

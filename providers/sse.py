@@ -33,6 +33,18 @@ class SSEDecoder:
 
     def feed(self, chunk: bytes) -> list[bytes]:
         buf = self._buf + chunk if self._buf else chunk
+        out: list[bytes] = []
+        if b"\r" not in buf:  # LF line ends, as most upstreams send: the short way
+            lines = buf.split(b"\n")
+            self._buf = lines.pop()  # an unterminated line waits for more bytes (b"" if none)
+            data = self._data
+            for line in lines:
+                if line.startswith(b"data:"):  # the common line, handled inline
+                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                else:
+                    self._line(line, out)
+                    data = self._data  # a blank line dispatched the event: a new list
+            return out
         lines = buf.splitlines(keepends=True)
         self._buf = b""
         if lines:
@@ -41,7 +53,6 @@ class SSEDecoder:
             # the first half of a CRLF split across two network reads.
             if not last.endswith((b"\n", b"\r")) or last.endswith(b"\r"):
                 self._buf = lines.pop()
-        out: list[bytes] = []
         for line in lines:
             self._line(line.rstrip(b"\r\n"), out)
         return out

@@ -1,16 +1,24 @@
 """ASGI plumbing that ties an upstream call's life to the client connection.
 
-`until_disconnect(work, receive)` runs a non-stream dispatch and cancels it (closing the
-upstream connection) when the client hangs up. `GuardedStreamResponse` sends a StreamGuard's
-events while listening for the hang-up, and always closes the guard afterwards, so the upstream
-call ends and usage is recorded exactly once however the response ends.
+    watch = DisconnectWatch(receive)            # once the request body has been read
+    served = await watch.run(dispatcher.complete(plan, body, ctx))    # ClientGone on hang-up
+    guard = await watch.run(dispatcher.open_stream(plan, body, ctx))
+    return GuardedStreamResponse(guard, headers, watch)               # takes the watch over
+
+One watcher task per request listens for the client hanging up. While the request's own task
+is awaiting upstream work (`run`) or sending a stream (`GuardedStreamResponse`), a hang-up
+cancels that task, which closes the upstream connection; otherwise it is only noted. The task
+is not recreated per phase: creating, starting and cancelling one costs ~20 µs of CPU on the
+2-core machines the gateway is measured on. `GuardedStreamResponse` sends a StreamGuard's
+events in the request's task and always closes the guard afterwards, so the upstream call ends
+and usage is recorded exactly once however the response ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
@@ -20,6 +28,12 @@ from gateway.stream_guard import StreamGuard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+_HEAD = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),  # proxies must not hold the events back
+]
 
 
 class ClientGone(Exception):
@@ -31,77 +45,98 @@ async def _wait_for_disconnect(receive: Receive) -> None:
         pass
 
 
-async def until_disconnect(work: Awaitable[T], receive: Receive) -> T:
-    """Await `work` in this task; a watcher cancels it if the client hangs up first."""
-    task = asyncio.current_task()
-    assert task is not None
-    state = {"finished": False, "gone": False}
+class DisconnectWatch:
+    """Cancels the request's task when the client hangs up while the task is `armed`."""
 
-    async def watch() -> None:
+    __slots__ = ("_fired", "_task", "_watcher", "armed", "gone")
+
+    def __init__(self, receive: Receive):
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self.armed = False
+        self.gone = False
+        self._fired = False  # this watch cancelled the task, and that is not yet consumed
+        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
         await _wait_for_disconnect(receive)
-        if not state["finished"]:
-            state["gone"] = True
-            task.cancel()
+        self.gone = True
+        if self.armed:
+            self.armed = False
+            self._fired = True
+            self._task.cancel()
 
-    watcher = asyncio.ensure_future(watch())
-    try:
-        result = await work
-        state["finished"] = True
-        return result
-    except asyncio.CancelledError:
-        if state["gone"]:
-            task.uncancel()
-            raise ClientGone() from None
-        raise
-    finally:
-        state["finished"] = True
-        watcher.cancel()
+    def caught(self) -> bool:
+        """In an `except CancelledError`: True when the hang-up caused it (then consumed)."""
+        self.armed = False
+        if self._fired:
+            self._fired = False
+            self._task.uncancel()
+            return True
+        return False
+
+    async def run(self, work: Awaitable[T]) -> T:
+        """Await `work` in this task; ClientGone if the client hangs up first."""
+        if self.gone:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise ClientGone()
+        self.armed = True
+        try:
+            return await work
+        except asyncio.CancelledError:
+            if self.caught():
+                raise ClientGone() from None
+            raise
+        finally:
+            self.armed = False
+
+    def close(self) -> None:
+        self.armed = False
+        self._watcher.cancel()
 
 
 class GuardedStreamResponse:
     media_type = "text/event-stream"
 
-    def __init__(self, guard: StreamGuard, headers: dict[str, str]):
+    def __init__(self, guard: StreamGuard, headers: dict[str, str], watch: DisconnectWatch):
         self.guard = guard
-        self.raw_headers = [
-            (b"content-type", b"text/event-stream; charset=utf-8"),
-            (b"cache-control", b"no-cache"),
-            (b"x-accel-buffering", b"no"),  # proxies must not hold the events back
-            *((k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()),
+        self.watch = watch
+        self.raw_headers = _HEAD + [
+            (k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()
         ]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         events = self.guard.events()
-
-        async def pump() -> None:
-            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
-            try:
-                async for event in events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
-            except (asyncio.CancelledError, OSError):
-                raise
-            except Exception as exc:
-                log.error("stream failed inside the gateway", exc_info=exc)
-                error = GatewayError("internal error while streaming; the answer is incomplete")
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": stream_error_event(error),
-                        "more_body": True,
-                    }
-                )
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-        sender = asyncio.ensure_future(pump())
-        watcher = asyncio.ensure_future(_wait_for_disconnect(receive))
+        watch = self.watch
         try:
-            await asyncio.wait((sender, watcher), return_when=asyncio.FIRST_COMPLETED)
+            if not watch.gone:
+                watch.armed = True
+                await self._pump(events, send)
+        except asyncio.CancelledError:
+            if not watch.caught():
+                raise
+        except OSError:
+            pass  # the client's socket is gone; nothing to tell anyone
+        except Exception as exc:
+            log.error("sending a stream failed", exc_info=exc)
         finally:
-            for task in (sender, watcher):
-                task.cancel()
-            results = await asyncio.gather(sender, watcher, return_exceptions=True)
+            watch.close()
             await events.aclose()  # type: ignore[attr-defined]
             await self.guard.aclose()
-        error = results[0]
-        if isinstance(error, Exception) and not isinstance(error, OSError):
-            log.error("sending a stream failed", exc_info=error)
+
+    async def _pump(self, events: AsyncIterator[bytes], send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        try:
+            async for event in events:
+                await send({"type": "http.response.body", "body": event, "more_body": True})
+        except (asyncio.CancelledError, OSError):
+            raise
+        except Exception as exc:
+            log.error("stream failed inside the gateway", exc_info=exc)
+            error = GatewayError("internal error while streaming; the answer is incomplete")
+            await send(
+                {"type": "http.response.body", "body": stream_error_event(error), "more_body": True}
+            )
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
