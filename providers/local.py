@@ -126,6 +126,7 @@ class InProcessLocalProvider:
         body = dict(request.body, model=service.model_name)
         timeouts = request.timeouts
         started = time.perf_counter()
+        phase = "total"
         try:
             if not request.stream:
                 call = service.chat if request.endpoint == "chat" else service.completion
@@ -135,9 +136,14 @@ class InProcessLocalProvider:
             open_stream = (
                 service.chat_stream if request.endpoint == "chat" else service.completion_stream
             )
-            chunks = await open_stream(body)
+            # Opening the stream validates and enqueues; it must not outlive the first-token
+            # or total budget either.
+            if timeouts.first_token < timeouts.total:
+                phase = "first_token"
+            async with asyncio.timeout(min(timeouts.first_token, timeouts.total)):
+                chunks = await open_stream(body)
         except TimeoutError:
-            raise UpstreamTimeout(request.route_id, "total") from None
+            raise UpstreamTimeout(request.route_id, phase) from None
         except Exception as exc:
             raise _upstream_error(request.route_id, exc) from None
         return LocalStream(request.route_id, chunks, timeouts, started)

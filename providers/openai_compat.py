@@ -240,8 +240,9 @@ class OpenAICompatProvider:
                 text = message if isinstance(message, str) else json.dumps(message)
             elif isinstance(error, str):
                 text = error
-        text = " ".join(text.split())[:_DETAIL_CHARS]
-        return redact(text, self._secret)
+        # Redact before cutting: a key straddling the cut would lose its literal match and
+        # leave its prefix behind.
+        return redact(" ".join(text.split()), self._secret)[:_DETAIL_CHARS]
 
     def _decode_body(self, route_id: str, raw: bytes) -> dict[str, Any]:
         try:

@@ -1,0 +1,56 @@
+"""Regressions from review: a key cut in half by truncation, and an in-process stream opening
+past its time budget."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import pytest
+
+from gateway.errors import UpstreamTimeout
+from providers.base import PhaseTimeouts, ProviderRequest
+from providers.local import InProcessLocalProvider
+from providers.openai_compat import OpenAICompatProvider
+
+KEY = "Zq8LmN2pR4tV6xY0aB3cD5eF7gH9jK1m"  # DeepInfra-style: no "sk-" prefix to pattern-match
+
+
+async def test_upstream_error_detail_never_keeps_part_of_a_key() -> None:
+    provider = OpenAICompatProvider("deepinfra", "http://127.0.0.1:9/v1", KEY)
+    try:
+        for pad in range(170, 200):  # the key straddles the 200-character cut somewhere here
+            body = json.dumps({"error": {"message": "x" * pad + f" rejected key {KEY} today"}})
+            detail = provider._error_detail(body)
+            assert KEY[:8] not in detail, pad
+            assert len(detail) <= 200
+    finally:
+        await provider.aclose()
+
+
+class SlowService:
+    model_name = "m"
+
+    async def chat_stream(self, body: dict[str, Any]) -> Any:
+        await asyncio.sleep(3)  # e.g. waiting for prefill before the iterator exists
+
+        async def chunks() -> Any:
+            yield {"choices": [{"index": 0, "delta": {"content": "x"}}]}
+
+        return chunks()
+
+
+async def test_opening_a_local_stream_is_bounded_by_the_first_token_timeout() -> None:
+    provider = object.__new__(InProcessLocalProvider)
+    provider.name = "local"
+    provider._service = SlowService()
+    provider.load_error = None
+    timeouts = PhaseTimeouts(connect=0.5, headers=0.5, first_token=0.3, gap=0.5, total=2.5)
+    request = ProviderRequest("local/m", "m", {"messages": [], "stream": True}, "chat", timeouts)
+    started = time.perf_counter()
+    with pytest.raises(UpstreamTimeout) as caught:
+        await provider.chat(request)
+    assert caught.value.phase == "first_token"
+    assert time.perf_counter() - started < 1.5
