@@ -8,9 +8,9 @@ a stream does that for each of its chunks: with the standard library that was ~0
 stream's gateway time on our 2-core machines, with orjson a tenth of it (bench/overhead.py).
 orjson writes compact UTF-8 (non-ASCII text as itself rather than \\u escapes; valid JSON
 either way). What it refuses and `json` accepts — NaN and Infinity literals, integers beyond 64
-bits, lone surrogates, UTF-16/32 input — falls back to `json`, so the gateway accepts and relays
-what it did before. One difference remains: a float NaN (only ever parsed from an upstream's
-non-standard `NaN` literal) is written as `null` rather than the invalid `NaN`.
+bits, lone surrogates, UTF-16/32 input — falls back to `json`, except the NaN / Infinity
+literals: they are not JSON, and accepted they would slip past every range check (a NaN
+`max_price` disables the price filter), so they are refused as invalid JSON.
 """
 
 from __future__ import annotations
@@ -21,11 +21,16 @@ from typing import Any
 import orjson
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def loads(raw: bytes | str) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
-        return json.loads(raw)  # raises ValueError (json.JSONDecodeError) when it is not JSON
+        # raises ValueError (json.JSONDecodeError) when it is not JSON
+        return json.loads(raw, parse_constant=_refuse_constant)
 
 
 def dumps(data: Any) -> bytes:

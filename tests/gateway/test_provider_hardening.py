@@ -54,3 +54,25 @@ async def test_opening_a_local_stream_is_bounded_by_the_first_token_timeout() ->
         await provider.chat(request)
     assert caught.value.phase == "first_token"
     assert time.perf_counter() - started < 1.5
+
+
+@pytest.mark.parametrize(
+    "fragment",
+    [
+        '"repetition_penalty": NaN',
+        '"temperature": Infinity',
+        '"provider": {"max_price": {"prompt": NaN}}',
+    ],
+)
+def test_nan_and_infinity_literals_are_invalid_json(
+    gateway: Any, upstreams: Any, fragment: str
+) -> None:
+    raw = '{"model": "wizardlm-2-8x22b", "messages": [{"role": "user", "content": "hi"}], '
+    raw += fragment + "}"
+    with gateway.http() as http:
+        reply = http.post(
+            "/v1/chat/completions", content=raw, headers={"content-type": "application/json"}
+        )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["type"] == "invalid_request_error"
+    assert not any(upstreams[name].requests for name in upstreams.providers)
