@@ -126,6 +126,10 @@ class OpenAIStream:
         if not isinstance(chunk, dict):
             raise UpstreamProtocolError(self._route_id, "a stream event is not a JSON object")
         self._check_error(self._route_id, chunk)
+        if not _well_formed_choices(chunk.get("choices")):
+            # Checked here so that a bad chunk is the upstream's protocol fault (failover
+            # before the first token, stream_interrupted after), not our TypeError later.
+            raise UpstreamProtocolError(self._route_id, "a stream chunk has malformed choices")
         if "usage" in chunk:
             normalize_usage(chunk["usage"])
         return chunk
@@ -152,3 +156,21 @@ class OpenAIStream:
             if choice.get("finish_reason") or chunk_carries_output({"choices": [choice]}):
                 keep = True
         return keep
+
+
+def _well_formed_choices(choices: Any) -> bool:
+    """None, or a list of objects whose index is an int and whose delta is an object."""
+    if choices is None:
+        return True
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        if not isinstance(choice, dict):
+            return False
+        index = choice.get("index", 0)
+        if isinstance(index, bool) or not isinstance(index, int):
+            return False
+        delta = choice.get("delta")
+        if delta is not None and not isinstance(delta, dict):
+            return False
+    return True

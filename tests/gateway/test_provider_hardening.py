@@ -10,10 +10,11 @@ from typing import Any
 
 import pytest
 
-from gateway.errors import UpstreamTimeout
+from gateway.errors import UpstreamProtocolError, UpstreamTimeout
 from providers.base import PhaseTimeouts, ProviderRequest
 from providers.local import InProcessLocalProvider
 from providers.openai_compat import OpenAICompatProvider
+from providers.openai_stream import OpenAIStream
 
 KEY = "Zq8LmN2pR4tV6xY0aB3cD5eF7gH9jK1m"  # DeepInfra-style: no "sk-" prefix to pattern-match
 
@@ -76,3 +77,28 @@ def test_nan_and_infinity_literals_are_invalid_json(
     assert reply.status_code == 400
     assert reply.json()["error"]["type"] == "invalid_request_error"
     assert not any(upstreams[name].requests for name in upstreams.providers)
+
+
+@pytest.mark.parametrize(
+    "chunk",
+    [
+        {"choices": [{"index": [0], "delta": {"content": "x"}}]},
+        {"choices": [{"index": 0, "delta": "x"}]},
+        {"choices": {"index": 0}},
+        {"choices": ["x"]},
+    ],
+)
+def test_a_malformed_stream_chunk_is_the_upstreams_protocol_error(chunk: dict[str, Any]) -> None:
+    stream = object.__new__(OpenAIStream)
+    stream._route_id = "deepinfra/m"
+    stream._check_error = lambda route_id, data: None
+    with pytest.raises(UpstreamProtocolError):
+        stream._decode_chunk(json.dumps(chunk).encode())
+
+
+def test_a_well_formed_stream_chunk_passes() -> None:
+    stream = object.__new__(OpenAIStream)
+    stream._route_id = "deepinfra/m"
+    stream._check_error = lambda route_id, data: None
+    chunk = {"choices": [{"index": 1, "delta": {"content": "x"}, "finish_reason": None}]}
+    assert stream._decode_chunk(json.dumps(chunk).encode()) == chunk
