@@ -13,7 +13,9 @@ the same body straight to the fake ("direct") and through the gateway:
 - 64 concurrent clients, non-stream and stream: each side run for the same number of requests;
   requests/s and latency percentiles.
 "added" is gateway minus direct at the same percentile. The gateway also reports its own time
-per request (`x-gateway-overhead-ms`: wall time minus upstream waits); its median is listed.
+per request (`x-gateway-overhead-ms`: wall time minus upstream waits); its median is listed, and
+so is the gateway process's CPU time per request (user + system, from /proc), the figure least
+moved by the other work on a shared machine.
 """
 
 from __future__ import annotations
@@ -100,6 +102,26 @@ def wait_listening(port: int, timeout_s: float = 30.0) -> None:
 # -- measuring ------------------------------------------------------------------------------------
 
 
+class ProcessCPU:
+    """CPU seconds (user + system) a process has used so far; None where /proc is missing."""
+
+    def __init__(self, pid: int):
+        self.path = Path(f"/proc/{pid}/stat")
+        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def seconds(self) -> float | None:
+        try:
+            fields = self.path.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+
+
+def cpu_ms_per_request(cpu: ProcessCPU | None, before: float | None, n: int) -> float | None:
+    after = cpu.seconds() if cpu is not None else None
+    return None if after is None or before is None else (after - before) * 1000 / n
+
+
 def pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
@@ -134,7 +156,9 @@ class Target:
         return elapsed
 
 
-async def sequential(direct: Target, gateway: Target, stream: bool, n: int) -> dict[str, Any]:
+async def sequential(
+    direct: Target, gateway: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
+) -> dict[str, Any]:
     for _ in range(max(20, n // 10)):  # warm both paths: pools, caches, branch predictors
         await direct.call(stream)
         await gateway.call(stream)
@@ -142,10 +166,12 @@ async def sequential(direct: Target, gateway: Target, stream: bool, n: int) -> d
     direct.first_bytes.clear()
     gateway.first_bytes.clear()
     times: dict[str, list[float]] = {"direct": [], "gateway": []}
+    cpu_before = cpu.seconds() if cpu is not None else None  # the gateway idles between its calls
     for _ in range(n):
         times["direct"].append(await direct.call(stream))
         times["gateway"].append(await gateway.call(stream))
     return {
+        "gateway_cpu_ms": cpu_ms_per_request(cpu, cpu_before, n),
         **{f"{side}_{q}": pct(v, p) * 1000 for side, v in times.items() for q, p in _QS},
         # Each gateway request ran right after its direct twin: the median of the pairs'
         # differences is the added latency least disturbed by the machine's other work.
@@ -165,7 +191,9 @@ async def sequential(direct: Target, gateway: Target, stream: bool, n: int) -> d
 _QS = (("p50", 0.50), ("p99", 0.99))
 
 
-async def concurrent(target: Target, stream: bool, n: int) -> tuple[list[float], float]:
+async def concurrent(
+    target: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
+) -> tuple[list[float], float, float | None]:
     latencies: list[float] = []
     per_worker = max(1, n // CONCURRENCY)
 
@@ -175,23 +203,32 @@ async def concurrent(target: Target, stream: bool, n: int) -> tuple[list[float],
 
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY // 4)))  # warm-up
     latencies.clear()
+    cpu_before = cpu.seconds() if cpu is not None else None
     started = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    return latencies, len(latencies) / (time.perf_counter() - started)
+    rps = len(latencies) / (time.perf_counter() - started)
+    return latencies, rps, cpu_ms_per_request(cpu, cpu_before, len(latencies))
 
 
-async def concurrent_case(direct: Target, gateway: Target, stream: bool, n: int) -> dict[str, Any]:
+async def concurrent_case(
+    direct: Target, gateway: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
+) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for side, target in (("direct", direct), ("gateway", gateway)):
-        latencies, rps = await concurrent(target, stream, n)
+        latencies, rps, cpu_ms = await concurrent(
+            target, stream, n, cpu if side == "gateway" else None
+        )
         for q, p in _QS:
             out[f"{side}_{q}"] = pct(latencies, p) * 1000
         out[f"{side}_rps"] = rps
+    out["gateway_cpu_ms"] = cpu_ms
     out["overhead_ms_p50"] = statistics.median(gateway.overheads[-n:])
     return out
 
 
-async def run_cases(upstream: str, gateway_url: str, n: int, n_concurrent: int) -> list[Any]:
+async def run_cases(
+    upstream: str, gateway_url: str, n: int, n_concurrent: int, cpu: ProcessCPU | None = None
+) -> list[Any]:
     # The client uses the gateway's own lean transport too: on 2 cores a heavier client would
     # steal CPU from the servers it measures. Both sides pay the same client cost.
     transport = Http1Transport(max_connections=CONCURRENCY * 2)
@@ -199,15 +236,15 @@ async def run_cases(upstream: str, gateway_url: str, n: int, n_concurrent: int) 
         direct = Target(client, f"{upstream}/lepton/v1/chat/completions", SLUG)
         gateway = Target(client, f"{gateway_url}/v1/chat/completions", MODEL)
         cases: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-            ("sequential, non-stream", lambda: sequential(direct, gateway, False, n)),
-            ("sequential, stream", lambda: sequential(direct, gateway, True, n)),
+            ("sequential, non-stream", lambda: sequential(direct, gateway, False, n, cpu)),
+            ("sequential, stream", lambda: sequential(direct, gateway, True, n, cpu)),
             (
                 f"{CONCURRENCY} concurrent, non-stream",
-                lambda: concurrent_case(direct, gateway, False, n_concurrent),
+                lambda: concurrent_case(direct, gateway, False, n_concurrent, cpu),
             ),
             (
                 f"{CONCURRENCY} concurrent, stream",
-                lambda: concurrent_case(direct, gateway, True, n_concurrent),
+                lambda: concurrent_case(direct, gateway, True, n_concurrent, cpu),
             ),
         ]
         results = []
@@ -239,9 +276,9 @@ def _ms(result: dict[str, Any], key: str) -> str:
 def render(results: list[Any], n: int, n_concurrent: int) -> str:
     rows = [
         "| case | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 "
-        "| direct req/s | gateway req/s | gateway's own time p50 | added p50, first byte "
-        "| added, median of pairs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| direct req/s | gateway req/s | gateway's own time p50 | gateway CPU per request "
+        "| added p50, first byte | added, median of pairs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results:
         rows.append(
@@ -249,6 +286,7 @@ def render(results: list[Any], n: int, n_concurrent: int) -> str:
             f"| **{r['gateway_p50'] - r['direct_p50']:.2f} ms** | {r['direct_p99']:.2f} ms "
             f"| {r['gateway_p99']:.2f} ms | {r['gateway_p99'] - r['direct_p99']:.2f} ms "
             f"| {r['direct_rps']:.0f} | {r['gateway_rps']:.0f} | {r['overhead_ms_p50']:.3f} ms "
+            f"| {_ms(r, 'gateway_cpu_ms')} "
             f"| {_ms(r, 'first_byte_added_p50')} | {_ms(r, 'paired_added_p50')} |"
         )
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -266,7 +304,10 @@ def render(results: list[Any], n: int, n_concurrent: int) -> str:
             "stats) and the client (httpx on the gateway's own HTTP/1.1 transport) share the "
             'machine. Latency is request sent -> last byte. "added" = gateway - direct at the '
             "same percentile; *gateway's own time* is its `x-gateway-overhead-ms` header (wall "
-            "time in the gateway minus upstream waits).",
+            "time in the gateway minus upstream waits, up to the response; the served answer's "
+            "stats writes come after it); *gateway CPU per request* is the gateway process's "
+            "user + system CPU time over the case divided by its requests (everything: uvicorn, "
+            "routing, the upstream call, stats).",
             "",
             *rows,
             "",
@@ -338,6 +379,7 @@ def main() -> None:
                 f"http://127.0.0.1:{gateway_port}",
                 args.requests,
                 args.concurrent_requests,
+                ProcessCPU(processes[1].pid),
             )
         )
     finally:

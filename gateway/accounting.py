@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 from gateway.catalog import Model, Route
@@ -141,18 +142,22 @@ class Accountant:
         completion_tokens: int,
         *,
         counted: bool = False,
+        after: list[Callable[[], None]] | None = None,
     ) -> Settled:
+        """`after`: where to leave the usage write for after the response (None: write now)."""
         cost = self.cost(route, prompt_tokens, completion_tokens)
-        self._stats.record_usage(
-            Usage(
-                route_id=route.id,
-                model=model.id,
-                client_key=client_key,
-                prompt_tokens=prompt_tokens,
-                completion_tokens=completion_tokens,
-                cost_usd=cost,
-            )
+        usage = Usage(
+            route_id=route.id,
+            model=model.id,
+            client_key=client_key,
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            cost_usd=cost,
         )
+        if after is not None:
+            after.append(partial(self._stats.record_usage, usage))
+        else:
+            self._stats.record_usage(usage)
         return Settled(prompt_tokens, completion_tokens, cost, counted)
 
 

@@ -29,260 +29,15 @@ import contextlib
 import socket
 import ssl
 import time
-from collections import deque
-from collections.abc import AsyncIterator
 from typing import Any
 
-import httptools
 import httpx
 
-Origin = tuple[bytes, str, int]
-_HIGH_WATER = 1 << 20  # unread body bytes before the socket stops reading
+from providers.http1_connection import Connection, Http1Response, Origin, ResponseBody
+
+__all__ = ["Http1Response", "Http1Transport", "Origin", "origin_of", "request_head"]
+
 _PORTS = {b"http": 80, b"https": 443}
-
-
-class _Connection(asyncio.Protocol):
-    """One HTTP/1.1 connection: a socket, a response parser, and the body received so far."""
-
-    def __init__(self, origin: Origin):
-        self.origin = origin
-        self.transport: Any = None
-        self.closed = False
-        self.error: BaseException | None = None
-        self.idle_since = 0.0
-        self._waiter: asyncio.Future[None] | None = None
-        self._reset()
-
-    def _reset(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
-        self.status = 0
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.head_done = False
-        self.done = False
-        self.persistent = False
-        self.received = False  # any byte of this exchange's response
-        self.body: deque[bytes] = deque()
-        self.buffered = 0
-        self.reading_paused = False
-        self.framed = False  # Content-Length or chunked: the end is in the bytes, not the close
-
-    # -- asyncio.Protocol ---------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-
-    def data_received(self, data: bytes) -> None:
-        self.received = True
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
-            self.transport.close()
-        self._wake()
-
-    def eof_received(self) -> bool | None:
-        self.closed = True
-        self._wake()
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self._wake()
-
-    # -- httptools callbacks ------------------------------------------------------------------
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        lower = name.lower()
-        if lower == b"content-length" or (
-            lower == b"transfer-encoding" and b"chunked" in value.lower()
-        ):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
-        if 100 <= self.status < 200 and self.status != 101:
-            self.headers = []  # an interim response (100 Continue): the real one follows
-            return
-        self.head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body.append(body)
-        self.buffered += len(body)
-        if self.buffered > _HIGH_WATER and not self.reading_paused:
-            self.reading_paused = True
-            self.transport.pause_reading()
-
-    def on_message_complete(self) -> None:
-        if self.head_done:
-            self.done = True
-            self.persistent = self.parser.should_keep_alive()  # only valid until the next byte
-
-    # -- used by the transport ----------------------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def wait(self, timeout: float | None) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
-        try:
-            if timeout is None:  # the providers' case: their phase clock bounds the wait
-                await self._waiter
-            else:
-                async with asyncio.timeout(timeout):
-                    await self._waiter
-        finally:
-            self._waiter = None
-
-    def take_body(self) -> bytes:
-        data = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)
-        self.body.clear()
-        self.buffered = 0
-        if self.reading_paused:
-            self.reading_paused = False
-            self.transport.resume_reading()
-        return data
-
-    def reusable(self, now: float, expiry: float) -> bool:
-        return (
-            not self.closed
-            and self.error is None
-            and not self.transport.is_closing()
-            and now - self.idle_since < expiry
-        )
-
-    def keep_alive(self) -> bool:
-        return self.done and self.persistent and not self.closed
-
-    def close(self) -> None:
-        self.closed = True
-        if self.transport is not None:
-            self.transport.close()
-
-
-class _Body(httpx.AsyncByteStream):
-    """A response body as it arrives; closing it early drops the connection."""
-
-    def __init__(
-        self,
-        pool: Http1Transport,
-        conn: _Connection,
-        read_timeout: float | None,
-        request: httpx.Request | None,
-    ):
-        self._pool = pool
-        self._conn = conn
-        self._read_timeout = read_timeout
-        self._request = request
-        self._released = False
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        while (piece := await self.next_piece()) is not None:
-            yield piece
-
-    async def next_piece(self) -> bytes | None:
-        """The bytes received since the last call (waiting for some), None after the end."""
-        conn = self._conn
-        while True:
-            if conn.body:
-                return conn.take_body()
-            if conn.done:
-                await self.aclose()
-                return None
-            await self._wait_more()
-
-    @property
-    def complete(self) -> bool:
-        return self._conn.done
-
-    @property
-    def ready(self) -> bool:
-        return bool(self._conn.body) or self._conn.done
-
-    async def read(self) -> bytes:
-        """The whole body (usually already here: then no generator, no wait)."""
-        conn = self._conn
-        if conn.done:
-            data = conn.take_body() if conn.body else b""
-            await self.aclose()
-            return data
-        return b"".join([part async for part in self])
-
-    async def _wait_more(self) -> None:
-        conn = self._conn
-        if conn.error is not None:
-            raise conn.error
-        if conn.closed:
-            if conn.framed:
-                raise httpx.RemoteProtocolError(
-                    "the server closed the connection before the body ended",
-                    request=self._request,
-                )
-            conn.done = True  # a body delimited by the connection closing
-            return
-        try:
-            await conn.wait(self._read_timeout)
-        except TimeoutError:
-            raise httpx.ReadTimeout("timed out reading the body", request=self._request) from None
-
-    async def aclose(self) -> None:
-        if not self._released:
-            self._released = True
-            self._pool.release(self._conn)
-
-
-class Http1Response:
-    """What `Http1Transport.request` returns: status, raw headers, and the body.
-
-    The body is read once, whole (`aread`) or as it arrives (`aiter_bytes`); `aclose()` before
-    its end drops the connection. A body the upstream compressed (we ask for identity, but it
-    may not listen) is decoded by httpx's own decoders, as the httpx interface would."""
-
-    __slots__ = ("_body", "_decoded", "_pieces", "headers", "status")
-
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: _Body):
-        self.status = status
-        self.headers = headers
-        self._body = body
-        self._decoded: httpx.Response | None = None
-        self._pieces: AsyncIterator[bytes] | None = None  # decoded body, as it is read
-        encoding = self.header(b"content-encoding")
-        if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-            self._decoded = httpx.Response(status, headers=headers, stream=body)
-
-    @property
-    def complete(self) -> bool:
-        """The whole body is here: `aread()` returns without waiting."""
-        return self._decoded is None and self._body.complete
-
-    def header(self, name: bytes) -> str | None:
-        """The first value of a header (`name` in lower case), or None."""
-        for key, value in self.headers:
-            if key.lower() == name:
-                return value.decode("latin-1")
-        return None
-
-    async def aread(self) -> bytes:
-        if self._decoded is not None:
-            return await self._decoded.aread()
-        return await self._body.read()
-
-    @property
-    def ready(self) -> bool:
-        """`next_bytes()` returns without waiting (bytes are here, or the end is)."""
-        return self._decoded is None and self._body.ready
-
-    async def next_bytes(self) -> bytes | None:
-        """The body's next bytes as they arrive; None at its end."""
-        if self._decoded is None:
-            return await self._body.next_piece()
-        if self._pieces is None:
-            self._pieces = self._decoded.aiter_bytes()
-        return await anext(self._pieces, None)
-
-    async def aclose(self) -> None:
-        await self._body.aclose()
 
 
 def request_head(method: str, url: httpx.URL, headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -315,7 +70,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         self._ssl = ssl_context
         self._max = max_connections
         self._expiry = keepalive_expiry
-        self._idle: dict[Origin, list[_Connection]] = {}
+        self._idle: dict[Origin, list[Connection]] = {}
         self._slots: asyncio.Semaphore | None = None
 
     async def request(
@@ -333,7 +88,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         conn = await self._open(
             origin, head + body, pool_timeout, connect_timeout, read_timeout, None
         )
-        return Http1Response(conn.status, conn.headers, _Body(self, conn, read_timeout, None))
+        stream = ResponseBody(self, conn, read_timeout, None)
+        return Http1Response(conn.status, conn.headers, stream)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -358,7 +114,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         return httpx.Response(
             conn.status,
             headers=conn.headers,
-            stream=_Body(self, conn, read_timeout, request),
+            stream=ResponseBody(self, conn, read_timeout, request),
             extensions={"http_version": b"HTTP/1.1"},
         )
 
@@ -370,7 +126,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         connect_timeout: float | None,
         read_timeout: float | None,
         request: httpx.Request | None,
-    ) -> _Connection:
+    ) -> Connection:
         """Send the encoded request on a pooled (else new) connection; the connection once the
         response head is in. Holds one of the pool's slots until the body is released."""
         if self._slots is None:
@@ -383,7 +139,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 raise httpx.PoolTimeout("no free connection", request=request) from None
         else:
             await self._slots.acquire()
-        conn: _Connection | None = None
+        conn: Connection | None = None
         try:
             conn = self._take_idle(origin)
             if conn is not None and not await self._exchange(conn, data, read_timeout, request):
@@ -406,7 +162,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _exchange(
         self,
-        conn: _Connection,
+        conn: Connection,
         data: bytes,
         read_timeout: float | None,
         request: httpx.Request | None,
@@ -433,7 +189,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 ) from None
         return True
 
-    def _take_idle(self, origin: Origin) -> _Connection | None:
+    def _take_idle(self, origin: Origin) -> Connection | None:
         idle = self._idle.get(origin)
         now = time.monotonic()
         while idle:
@@ -446,7 +202,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
 
     async def _connect(
         self, origin: Origin, timeout: float | None, request: httpx.Request | None
-    ) -> _Connection:
+    ) -> Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         tls: dict[str, Any] = {}
@@ -455,7 +211,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(origin), host, port, **tls
+                    lambda: Connection(origin), host, port, **tls
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting", request=request) from None
@@ -469,7 +225,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return conn
 
-    def release(self, conn: _Connection) -> None:
+    def release(self, conn: Connection) -> None:
         """The response is over: pool the connection when it can carry another request."""
         if self._slots is not None:
             self._slots.release()

@@ -6,7 +6,8 @@ Content-Length header and the bytes actually received) -> parse + validate once 
 fields), so every field, standard or not, passes through. The handler works on the ASGI scope
 and messages directly (no Request / Response objects: they were ~30 µs of a request's CPU on
 our 2-core machines), and one DisconnectWatch (streaming.py) per request cancels the upstream
-work when the client hangs up.
+work when the client hangs up. The served answer's stats writes (its attempt and usage) are
+queued behind the response's write and run once it is out (`after_response`, dispatch.py).
 
 Responses carry `provider` (body and every stream chunk) and `usage.cost`, plus headers:
     x-gateway-provider     the provider that served (for streams: the one that started)
