@@ -34,6 +34,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from doc_section import write_section  # noqa: E402  (bench/ is the script's path)
+
 from local_backend.engine import Engine  # noqa: E402
 from local_backend.generation import GenerationRequest  # noqa: E402
 from local_backend.kv_cache import KVCache  # noqa: E402
@@ -203,17 +205,6 @@ def render(args: argparse.Namespace, device: torch.device, rows: list[tuple]) ->
     return "\n".join(lines)
 
 
-def write_section(section: str) -> None:
-    text = BENCH_DOC.read_text() if BENCH_DOC.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        before, rest = text.split(START, 1)
-        after = rest.split(END, 1)[1]
-        text = before + section + after
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    BENCH_DOC.write_text(text)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -263,7 +254,7 @@ def main() -> None:
             rows.append(row)
     section = render(args, device, rows)
     if not args.no_write:
-        write_section(section)
+        write_section(section, START, END)
         print(f"wrote {BENCH_DOC.relative_to(ROOT)}")
     print(section)
 

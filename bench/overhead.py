@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+from doc_section import write_section  # noqa: E402  (bench/ is the script's path)
 
 from providers.http1 import Http1Transport  # noqa: E402
 
@@ -325,16 +326,6 @@ def render(results: list[Any], n: int, n_concurrent: int) -> str:
     )
 
 
-def write_section(text: str) -> None:
-    doc = BENCH_DOC.read_text() if BENCH_DOC.exists() else "# Benchmarks\n"
-    if START in doc and END in doc:
-        before, rest = doc.split(START, 1)
-        doc = before + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    BENCH_DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="sequential, per side")
@@ -390,7 +381,7 @@ def main() -> None:
     text = render(results, args.requests, args.concurrent_requests)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, START, END)
         print(f"wrote {BENCH_DOC.relative_to(ROOT)}")
 
 

@@ -37,6 +37,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from doc_section import write_section  # noqa: E402  (bench/ is the script's path)
+
 from gateway.catalog import load_catalog  # noqa: E402
 from gateway.prices import PriceBook  # noqa: E402
 from gateway.routing import Router  # noqa: E402
@@ -157,16 +159,6 @@ def section(rows: list[tuple[str, float]], calls: int, samples: int) -> str:
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = BENCH_DOC.read_text() if BENCH_DOC.exists() else "# Benchmarks\n"
-    if START in doc and END in doc:
-        before, rest = doc.split(START, 1)
-        doc = before + text + rest.split(END, 1)[1]
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text + "\n"
-    BENCH_DOC.write_text(doc)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--calls", type=int, default=5000)
@@ -177,7 +169,7 @@ def main() -> None:
     text = section(rows, args.calls, args.samples)
     print(text)
     if not args.no_write:
-        write_section(text)
+        write_section(text, START, END)
 
 
 if __name__ == "__main__":
