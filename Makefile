@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint typecheck pytest bench bench-overhead bench-local bench-kernels redis clean
+.PHONY: serve test lint typecheck pytest browser bench bench-overhead bench-local bench-kernels redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ serve: $(VENV)/.gateway-installed
 redis:
 	bash scripts/ensure_redis.sh
 
+browser:
+	bash scripts/ensure_browser.sh
+
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -34,7 +37,7 @@ lint: $(VENV)/.dev-installed
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy gateway providers local_backend bench scripts
 
-pytest: $(VENV)/.dev-installed redis
+pytest: $(VENV)/.dev-installed redis browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest

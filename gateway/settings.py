@@ -27,6 +27,7 @@ class Settings(BaseSettings):
     stats_prefix: str = "moegw:"
     stats_flush_interval_s: float = 0.5
     stats_max_pending: int = 100_000
+    request_log_size: int = Field(500, ge=0, le=100_000)  # the dashboard's log; 0 = off
 
     # who may call (no client keys = an open gateway)
     gateway_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

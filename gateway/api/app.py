@@ -28,7 +28,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.accounting import Accountant, EstimateCounter, default_counter
-from gateway.api import admin, catalog_routes, health, openai_routes
+from gateway.api import admin, admin_dashboard, catalog_routes, health, openai_routes
 from gateway.api.auth import ClientKeys
 from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
@@ -38,6 +38,7 @@ from gateway.logging_setup import configure_logging
 from gateway.provider_setup import build_providers, close_providers
 from gateway.settings import Settings
 from gateway.stats import StatsMetrics, make_stats
+from gateway.stats.request_log import RequestLog
 
 log = logging.getLogger("gateway.api")
 
@@ -132,6 +133,14 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             max_pending=settings.stats_max_pending,
         )
         prices = make_prices(settings, catalog)
+        request_log = None
+        if settings.request_log_size > 0:
+            request_log = RequestLog(
+                settings.request_log_size,
+                redis_url=settings.redis_url,
+                prefix=settings.stats_prefix,
+            )
+            stats.observer = request_log
         providers = build_providers(catalog, settings)
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
@@ -148,10 +157,14 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             router=router,
             providers=providers,
             dispatcher=dispatcher,
+            request_log=request_log,
+            client_keys=app.state.client_keys,
         )
         await stats.start()
         try:
             await prices.start()
+            if request_log is not None:
+                await request_log.start()
             try:
                 yield
             finally:
@@ -159,6 +172,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
                 await close_providers(providers)
         finally:
             await stats.aclose()
+            if request_log is not None:
+                await request_log.aclose()
 
     app = GatewayApp(
         title="moe-gateway",
@@ -176,5 +191,6 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
     app.include_router(openai_routes.router)
     app.include_router(catalog_routes.router)
     app.include_router(admin.router)
+    app.include_router(admin_dashboard.router)
     app.include_router(health.router)
     return app

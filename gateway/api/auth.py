@@ -1,4 +1,5 @@
 """Client keys: `GATEWAY_API_KEYS` (comma-separated), sent as `Authorization: Bearer <key>`.
+An entry may name its key, `name=key` (the dashboard shows the name); the key is what follows.
 
 No keys configured = an open gateway (every caller is "anonymous"). Keys are compared in
 constant time against every configured key; what the rest of the gateway sees is a key id
@@ -21,9 +22,23 @@ def key_id(secret: str) -> str:
     return "key_" + hashlib.sha256(secret.encode()).hexdigest()[:8]
 
 
+def split_named(entry: str) -> tuple[str | None, str]:
+    """`name=key` -> (name, key); a plain key -> (None, key)."""
+    name, sep, key = entry.partition("=")
+    if sep and name.strip() and key.strip() and " " not in name.strip():
+        return name.strip(), key.strip()
+    return None, entry
+
+
 class ClientKeys:
     def __init__(self, keys: list[SecretStr]):
-        self._keys = [(k.get_secret_value().encode(), key_id(k.get_secret_value())) for k in keys]
+        named = [split_named(k.get_secret_value()) for k in keys]
+        self._keys = [(secret.encode(), key_id(secret)) for _, secret in named]
+        self._names = {key_id(secret): name for name, secret in named if name is not None}
+
+    def names(self) -> dict[str, str]:
+        """key id -> the name given in GATEWAY_API_KEYS (`name=key`), for display."""
+        return dict(self._names)
 
     @property
     def open(self) -> bool:
