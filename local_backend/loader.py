@@ -25,6 +25,7 @@ from local_backend.config import ModelConfig
 from local_backend.engine import Engine
 from local_backend.model import Transformer
 from local_backend.openai_api import OpenAIService
+from local_backend.parallel import ParallelContext
 from local_backend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -49,8 +50,10 @@ def plan_memory(
     max_seq_len: int,
     max_slots: int,
     tokens_per_step: int = 2048,
+    ranks: int = 1,
 ) -> memory_plan.MemoryPlan:
-    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width."""
+    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width
+    (one rank's share with `ranks`)."""
     base = memory_plan.plan(
         config,
         device if isinstance(device, int) else torch.device(device),
@@ -58,6 +61,7 @@ def plan_memory(
         max_seq_len=max_seq_len,
         max_slots=max_slots,
         tokens_per_step=tokens_per_step,
+        ranks=ranks,
     )
     width = torch.empty((), dtype=dtype).element_size()
     return dataclasses.replace(
@@ -132,8 +136,12 @@ def load_service(
     weight_format: str | None = None,
     kernel_backend: str | None = None,
     chat_format: str | None = None,
+    parallel: ParallelContext | None = None,
 ) -> OpenAIService:
-    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI."""
+    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI.
+
+    With a `parallel` context of several ranks this is rank 0: it loads its shard and drives
+    the followers (parallel_serve.py), which load theirs in their own processes."""
     model_dir = Path(model_dir)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
@@ -150,7 +158,15 @@ def load_service(
             f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the "
             f"model only {config.vocab_size}"
         )
-    model = load_model(model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend)
+    model: torch.nn.Module
+    if parallel is not None and parallel.is_parallel:
+        from local_backend.parallel_serve import load_leader_model
+
+        model = load_leader_model(model_dir, parallel, device, dtype, seq_len, max_slots,
+                                  weight_format, kernel_backend)  # fmt: skip
+    else:
+        model = load_model(model_dir, device, dtype, seq_len, max_slots, weight_format,
+                           kernel_backend)  # fmt: skip
     engine = Engine(
         model, tokenizer, model.config, max_slots=max_slots, max_seq_len=seq_len,
         queue_size=queue_size,
