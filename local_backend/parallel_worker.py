@@ -69,8 +69,9 @@ class StepLeader(nn.Module):
         self._last_send = time.monotonic()
         self._closed = threading.Event()
         self._keepalive_s = keepalive_s
+        # Started by the first step, not here: until then the control group may carry other
+        # collectives (parallel_serve's check that every rank loaded).
         self._keepalive = threading.Thread(target=self._keep_alive, name="keepalive", daemon=True)
-        self._keepalive.start()
 
     @property
     def cache_kv_heads(self) -> int:
@@ -94,11 +95,14 @@ class StepLeader(nn.Module):
         if self._closed.is_set():
             return
         self._closed.set()
-        self._keepalive.join()
+        if self._keepalive.is_alive():
+            self._keepalive.join()
         self._send(STOP, 0, 0, 0)
 
     def _send(self, command: int, B: int, T: int, flag: int, payload: Any = None) -> None:
         with self._send_lock:
+            if command == STEP and not self._keepalive.ident:
+                self._keepalive.start()
             self.parallel.broadcast_from_leader(torch.tensor([command, B, T, flag]))
             if payload is not None:
                 self.parallel.broadcast_from_leader(payload)
