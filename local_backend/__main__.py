@@ -20,6 +20,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -127,11 +128,12 @@ def serve(args: argparse.Namespace) -> None:
         return agree_loaded(launch.parallel, loader)  # every rank loaded, or all fail
 
     app = create_app(loader=loader if launch is None else load_all_ranks, model_name=model_name)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
-    finally:
-        if launch is not None:
-            launch.close(app.state.holder.service)
+    asgi: Any = app
+    if launch is not None:
+        from local_backend.parallel_serve import CloseRanksOnShutdown
+
+        asgi = CloseRanksOnShutdown(app, lambda: launch.close(app.state.holder.service))
+    uvicorn.run(asgi, host=args.host, port=args.port, log_level=args.log_level.lower())
 
 
 def launch_ranks(args: argparse.Namespace):  # type: ignore[no-untyped-def]

@@ -17,6 +17,7 @@ every process joins through torchrun's environment and rank 0 alone starts the s
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import multiprocessing
 import sys
@@ -237,6 +238,27 @@ class RankLaunch:
             if child.is_alive():
                 child.terminate()
         shutdown_parallel()
+
+
+class CloseRanksOnShutdown:
+    """ASGI wrapper: once the app's own shutdown is done (its engine stopped), stop the other
+    ranks. Here rather than after uvicorn.run returns: uvicorn re-raises a captured SIGTERM
+    (the process ends by it), so code after uvicorn.run never runs on a signal."""
+
+    def __init__(self, app: Any, close: Callable[[], None]) -> None:
+        self.app = app
+        self.close = close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "lifespan":
+            return await self.app(scope, receive, send)
+
+        async def send_then_close(message: Any) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await asyncio.to_thread(self.close)
+            await send(message)
+
+        return await self.app(scope, receive, send_then_close)
 
 
 def launch_from_args(args: argparse.Namespace, seq_len: int, dtype: torch.dtype) -> RankLaunch:

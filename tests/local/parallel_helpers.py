@@ -138,11 +138,15 @@ def greedy_trace(model: Any, cache: KVCache, prompts: list[list[int]], steps: in
     return {"tokens": torch.stack(generated, dim=1), "logits": trace}
 
 
-def rank_main(rank: int, world_size: int, folder: str, out_dir: str, init: str) -> None:
+def rank_main(
+    rank: int, world_size: int, folder: str, broken: str, out_dir: str, init: str
+) -> None:
     """One spawned rank: join a world of `world_size`, then for each sub-world of 2 and 4
     ranks (every rank creates the groups; ranks outside one skip it) load the shard, and run
     greedy_trace on rank 0 through a StepLeader while the others follow. Rank 0 saves each
-    world's trace to out_dir/world{W}.pt."""
+    world's trace to out_dir/world{W}.pt. Then ranks 0-1 load `broken` (a checkpoint only
+    rank 1's shard notices is broken) and `folder` again with rank 0 failing: each rank saves
+    what the load agreement told it to out_dir/failures{rank}.pt."""
     from local_backend.parallel import context_over, init_parallel, shutdown_parallel
     from local_backend.parallel_serve import load_rank_model
     from local_backend.parallel_worker import StepLeader, follow_steps
@@ -166,4 +170,50 @@ def rank_main(rank: int, world_size: int, folder: str, out_dir: str, init: str) 
         again = greedy_trace(leader, cache, PROMPTS, steps=4)
         leader.close()
         torch.save({"first": first, "again": again}, Path(out_dir) / f"world{w}.pt")
+    pair = context_over(range(2))
+    if pair is not None:
+        torch.save(_load_failures(pair, folder, broken), Path(out_dir) / f"failures{rank}.pt")
     shutdown_parallel()
+
+
+class _Loaded:
+    """Stands in for rank 0's service in agree_loaded (the engine it stops on failure)."""
+
+    def __init__(self) -> None:
+        self.engine = self
+        self.stopped = False
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def _load_failures(parallel: Any, folder: str, broken: str) -> dict[str, Any]:
+    from local_backend.parallel_serve import (
+        RankOptions,
+        agree_loaded,
+        load_rank_model,
+        run_follower,
+    )
+
+    def leader_load(model_dir: str, fail: bool) -> dict[str, Any]:
+        loaded = _Loaded()
+
+        def load() -> _Loaded:
+            if fail:
+                raise OSError("rank 0 cannot read its disk")
+            load_rank_model(model_dir, parallel, torch.device("cpu"), torch.float32, 8, 1)
+            return loaded
+
+        try:
+            agree_loaded(parallel, load)
+        except Exception as exc:
+            return {"error": f"{type(exc).__name__}: {exc}", "engine_stopped": loaded.stopped}
+        return {"error": None}
+
+    if parallel.is_leader:
+        return {"broken": leader_load(broken, False), "leader_fails": leader_load(folder, True)}
+    results = {}
+    for name, model_dir in (("broken", broken), ("leader_fails", folder)):
+        options = RankOptions(Path(model_dir), "cpu", torch.float32, max_slots=1, max_seq_len=8)
+        results[name] = run_follower(options, parallel)
+    return results

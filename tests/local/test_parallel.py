@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file, save_file
 
 from local_backend.kv_cache import KVCache
 from local_backend.model import Transformer
@@ -47,13 +49,19 @@ def single_process_trace(folder: Path) -> dict:
 def rank_traces(
     reference: tuple[Transformer, Path], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[int, dict]:
-    """Spawn 4 gloo ranks once; rank 0's traces for the worlds of 2 and 4."""
+    """Spawn 4 gloo ranks once: rank 0's traces for the worlds of 2 and 4, and what ranks 0
+    and 1 saw of two failed loads."""
     _, folder = reference
     out = tmp_path_factory.mktemp("parallel_out")
+    broken = tmp_path_factory.mktemp("parallel_broken")
+    save_checkpoint(random_model(small_config(), seed=3), broken)
+    tensors = load_file(broken / "model.safetensors")
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w2.weight"]  # rank 1 of 2's expert
+    save_file(tensors, str(broken / "model.safetensors"))
     init = f"file://{out}/rendezvous"
     context = mp.start_processes(
-        rank_main, args=(WORLD, str(folder), str(out), init), nprocs=WORLD, join=False,
-        start_method="spawn",
+        rank_main, args=(WORLD, str(folder), str(broken), str(out), init), nprocs=WORLD,
+        join=False, start_method="spawn",
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not context.join(timeout=1):
@@ -61,7 +69,22 @@ def rank_traces(
             for process in context.processes:
                 process.kill()
             pytest.fail("the gloo ranks did not finish within 120 s")
-    return {w: torch.load(out / f"world{w}.pt") for w in (2, 4)}
+    traces: dict[Any, dict] = {w: torch.load(out / f"world{w}.pt") for w in (2, 4)}
+    traces["failures"] = {r: torch.load(out / f"failures{r}.pt") for r in (0, 1)}
+    return traces
+
+
+def test_a_failed_load_on_any_rank_fails_every_rank(rank_traces: dict[Any, dict]) -> None:
+    leader, follower = rank_traces["failures"][0], rank_traces["failures"][1]
+    # rank 1 lacks an expert only it holds: it exits 1, rank 0 names it and stops its engine
+    assert follower["broken"] == 1
+    assert leader["broken"] == {
+        "error": "RuntimeError: rank(s) [1] of 2 failed to load (see log)",
+        "engine_stopped": True,
+    }
+    # rank 0 fails: its own error stands, and the follower stops instead of waiting forever
+    assert leader["leader_fails"]["error"] == "OSError: rank 0 cannot read its disk"
+    assert follower["leader_fails"] == 1
 
 
 @pytest.mark.parametrize("world_size", [2, 4])
@@ -131,8 +154,6 @@ def test_one_rank_shard_without_its_experts_is_a_weights_error(tmp_path: Path) -
     config = small_config()
     model = random_model(config, seed=4)
     save_checkpoint(model, tmp_path)
-    from safetensors.torch import load_file, save_file
-
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["model.layers.1.block_sparse_moe.experts.5.w2.weight"]
     save_file(tensors, str(tmp_path / "model.safetensors"))
