@@ -153,7 +153,11 @@ def run_follower(options: RankOptions, parallel: ParallelContext) -> int:
         log.error("rank %d: rank(s) %s failed to load; stopping", parallel.rank, failed)
         return 1
     log.info("rank %d: loaded, following rank 0", parallel.rank)
-    steps = follow_steps(model, cache, parallel)
+    try:
+        steps = follow_steps(model, cache, parallel)
+    except RuntimeError as exc:  # rank 0 is gone (its connections closed) or a collective broke
+        log.error("rank %d: lost rank 0, stopping: %s", parallel.rank, str(exc).splitlines()[0])
+        return 1
     log.info("rank %d: stopped after %d steps", parallel.rank, steps)
     return 0
 
