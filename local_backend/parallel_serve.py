@@ -20,6 +20,7 @@ import argparse
 import asyncio
 import logging
 import multiprocessing
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -198,11 +199,13 @@ class RankLaunch:
     parallel: ParallelContext
     options: RankOptions
     children: list[Any] = field(default_factory=list)  # spawned followers (rank 0 only)
+    rendezvous_dir: Path | None = None  # the spawned ranks' meeting file lives here
 
     @classmethod
     def spawn(cls, options: RankOptions, world_size: int) -> RankLaunch:
         """Start ranks 1..world_size-1 as child processes and join them as rank 0."""
-        init = f"file://{tempfile.mkdtemp(prefix='local-backend-ranks-')}/rendezvous"
+        folder = Path(tempfile.mkdtemp(prefix="local-backend-ranks-"))
+        init = f"file://{folder}/rendezvous"
         context = multiprocessing.get_context("spawn")
         children = [
             context.Process(
@@ -215,7 +218,8 @@ class RankLaunch:
         ]
         for child in children:
             child.start()
-        return cls(init_parallel(options.device_type, 0, world_size, init), options, children)
+        parallel = init_parallel(options.device_type, 0, world_size, init)
+        return cls(parallel, options, children, folder)
 
     @classmethod
     def join_torchrun(cls, options: RankOptions) -> RankLaunch:
@@ -242,6 +246,8 @@ class RankLaunch:
             if child.is_alive():
                 child.terminate()
         shutdown_parallel()
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
 
 class CloseRanksOnShutdown:

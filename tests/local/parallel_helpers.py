@@ -146,7 +146,8 @@ def rank_main(
     greedy_trace on rank 0 through a StepLeader while the others follow. Rank 0 saves each
     world's trace to out_dir/world{W}.pt. Then ranks 0-1 load `broken` (a checkpoint only
     rank 1's shard notices is broken) and `folder` again with rank 0 failing: each rank saves
-    what the load agreement told it to out_dir/failures{rank}.pt."""
+    what the load agreement told it to out_dir/failures{rank}.pt; and they trace `folder`
+    with int8 experts (out_dir/world2-int8-experts.pt)."""
     from local_backend.parallel import context_over, init_parallel, shutdown_parallel
     from local_backend.parallel_serve import load_rank_model
     from local_backend.parallel_worker import StepLeader, follow_steps
@@ -173,6 +174,18 @@ def rank_main(
     pair = context_over(range(2))
     if pair is not None:
         torch.save(_load_failures(pair, folder, broken), Path(out_dir) / f"failures{rank}.pt")
+        # int8 experts, quantized as each rank loads its own (the torch backend's loop)
+        model = load_rank_model(folder, pair, torch.device("cpu"), torch.float32, MAX_SEQ_LEN,
+                                len(PROMPTS), weight_format="int8-experts")  # fmt: skip
+        cache = KVCache(model.config, len(PROMPTS), MAX_SEQ_LEN, dtype=torch.float32,
+                        kv_heads=model.cache_kv_heads)  # fmt: skip
+        if pair.is_leader:
+            leader = StepLeader(model)
+            trace = greedy_trace(leader, cache, PROMPTS, steps=4)
+            leader.close()
+            torch.save(trace, Path(out_dir) / "world2-int8-experts.pt")
+        else:
+            follow_steps(model, cache, pair)
     shutdown_parallel()
 
 

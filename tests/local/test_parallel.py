@@ -71,7 +71,30 @@ def rank_traces(
             pytest.fail("the gloo ranks did not finish within 120 s")
     traces: dict[Any, dict] = {w: torch.load(out / f"world{w}.pt") for w in (2, 4)}
     traces["failures"] = {r: torch.load(out / f"failures{r}.pt") for r in (0, 1)}
+    traces["int8-experts"] = torch.load(out / "world2-int8-experts.pt")
     return traces
+
+
+def test_two_ranks_with_int8_experts_equal_one_process(
+    reference: tuple[Transformer, Path], rank_traces: dict[Any, dict]
+) -> None:
+    # each expert is quantized whole on its rank, as in one process: the same codes
+    from local_backend.quantize import load_quantized
+
+    _, folder = reference
+    model, _ = load_quantized(
+        folder, "cpu", fmt="int8-experts", backend="torch", dtype=torch.float32,
+        max_seq_len=MAX_SEQ_LEN, progress=False,
+    )  # fmt: skip
+    cache = KVCache(model.config, len(PROMPTS), MAX_SEQ_LEN, dtype=torch.float32)
+    expected = greedy_trace(model, cache, PROMPTS, steps=4)
+    got = rank_traces["int8-experts"]
+    assert torch.equal(got["tokens"], expected["tokens"])
+    for ours, theirs in zip(got["logits"], expected["logits"], strict=True):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=2e-5)
+    # and quantizing changed the answer's logits: the comparison is about the int8 path
+    full_precision = single_process_trace(folder)["logits"][0]
+    assert not torch.allclose(expected["logits"][0], full_precision, rtol=1e-5, atol=2e-5)
 
 
 def test_a_failed_load_on_any_rank_fails_every_rank(rank_traces: dict[Any, dict]) -> None:
