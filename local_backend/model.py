@@ -2,7 +2,9 @@
 
 Everything the model computes is in this one file, written for clarity; speed comes from
 `local_backend/kernels` (which replaces module forwards through `kernels.install`) and from
-the engine (batching, torch.compile). The contract, from docs/architecture.md:
+the engine (batching, torch.compile). Over several GPUs each rank builds its own shard of this
+same model (a ParallelContext sizes Attention and MoE; parallel.py, docs/multi_gpu.md). The
+contract, from docs/architecture.md:
 
     Transformer.forward(tokens [B, T], positions [B, T], cache: KVCache, slots [B])
         -> logits [B, T, vocab] (float32)
