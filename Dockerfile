@@ -2,7 +2,7 @@
 # through LOCAL_BASE_URL). docker-compose.yml builds this image and runs it beside Redis.
 FROM python:3.11-slim
 
-# The source tree under /app is what runs (it carries gateway/tokenizer_data/ and pricing.yaml).
+# The source tree under /app is what runs (it carries local_backend/formats/tokenizer_data/ and pricing.yaml).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

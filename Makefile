@@ -29,6 +29,7 @@ redis:
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports --no-logo
 
 typecheck: $(VENV)/.dev-installed
 	$(BIN)/mypy gateway providers local_backend bench scripts

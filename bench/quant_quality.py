@@ -19,7 +19,8 @@ import time
 import torch
 from kernels_common import write_section
 
-from local_backend.kernels.quality import (
+from local_backend.model import Transformer
+from local_backend.quant_quality import (
     QualityReport,
     byte_config,
     evaluate_quantization,
@@ -27,7 +28,6 @@ from local_backend.kernels.quality import (
     package_text,
     train_byte_model,
 )
-from local_backend.model import Transformer
 
 FORMATS = ("int8", "int4", "int8-experts", "int4-experts")
 

@@ -4,7 +4,7 @@
     .venv/bin/python bench/routing.py --no-write
 
 Cases, all on the shipped pricing.yaml with the four hosted keys configured and the server's
-token counter (gateway.tokens.PromptCounter):
+token counter (gateway.routing.tokens.PromptCounter):
 
 - plan, short chat: one user message, max_tokens set, no `provider` object; health from a
   snapshot dict (what a StatsStore read should cost) — the routing decision itself;
@@ -42,10 +42,10 @@ from doc_section import write_section  # noqa: E402  (bench/ is the script's pat
 from gateway.catalog import load_catalog  # noqa: E402
 from gateway.prices import PriceBook  # noqa: E402
 from gateway.routing import Router  # noqa: E402
+from gateway.routing.tokens import PromptCounter  # noqa: E402
 from gateway.settings import DEFAULT_CONFIG  # noqa: E402
 from gateway.stats import make_stats  # noqa: E402
 from gateway.stats.base import Attempt, RouteHealth  # noqa: E402
-from gateway.tokens import PromptCounter  # noqa: E402
 
 BENCH_DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- routing:start -->", "<!-- routing:end -->"

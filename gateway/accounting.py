@@ -3,8 +3,9 @@
 Token counts come from the upstream's `usage` when it reports one (the gateway asks every
 stream for it with `stream_options.include_usage`). When an upstream reports none (a stream cut
 short, a provider that ignores include_usage) the gateway counts: the prompt with the model's
-own tokenizer (`gateway.tokens`) and the completion from the text it actually served. Without a
-tokenizer available the count falls back to the router's byte estimate (4 bytes per token).
+own tokenizer (`gateway.routing.tokens`) and the completion from the text it actually
+served. Without a tokenizer available the count falls back to the router's byte estimate
+(4 bytes per token).
 Cost is always ours: the route's effective prices (PriceBook, overrides included) times the
 counts, in USD; an upstream's own figure stays in `usage.cost_details.upstream_inference_cost`.
 """
@@ -20,7 +21,7 @@ from typing import Any, Protocol
 
 from gateway.catalog import Model, Route
 from gateway.prices import PriceBook
-from gateway.routing_prompt import BYTES_PER_TOKEN_ESTIMATE, PromptText
+from gateway.routing.prompt import BYTES_PER_TOKEN_ESTIMATE, PromptText
 from gateway.stats.base import StatsStore, Usage
 
 log = logging.getLogger(__name__)
@@ -43,9 +44,9 @@ class EstimateCounter:
 
 
 def default_counter() -> TokenCounter:
-    """`gateway.tokens.PromptCounter` when it can load the tokenizers, else the estimate."""
+    """`gateway.routing.tokens.PromptCounter` when it can load the tokenizers, else the estimate."""
     try:
-        from gateway.tokens import PromptCounter
+        from gateway.routing.tokens import PromptCounter
 
         counter: TokenCounter = PromptCounter()
         return counter

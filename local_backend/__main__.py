@@ -118,7 +118,7 @@ def serve(args: argparse.Namespace) -> None:
             weight_format=args.weight_format,
             kernel_backend=args.kernels,
             chat_format=args.chat_format,
-            parallel=launch.parallel if launch else None,
+            model_loader=launch.load_leader_model if launch else None,
         )
 
     def load_all_ranks():  # type: ignore[no-untyped-def]

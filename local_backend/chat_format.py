@@ -1,8 +1,9 @@
 """Chat prompts as token ids for the local backend, and tool calls read back from its output.
 
 The formats themselves (Vicuna for WizardLM-2, [INST] v3 for Mixtral-8x22B-Instruct) are
-rendered by `gateway.prompt_format` -- pure Python shared with the gateway's token counter, so
-both count the same prompt; see its module doc for the exact forms. Here the segments become ids:
+rendered by `local_backend.formats.prompt_format` -- pure Python shared with the gateway's
+token counter, so both count the same prompt; see its module doc for the exact forms. Here the
+segments become ids:
 control segments are placed by id, each text segment is encoded on its own.
 
     encoder = ChatEncoder(Tokenizer.for_model("mixtral-8x22b-instruct"), "mixtral-8x22b-instruct")
@@ -19,7 +20,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.prompt_format import (
+from local_backend.formats.prompt_format import (
     CONTROL_PIECES,
     FORMAT_TOKENIZER,
     MISTRAL_V3,

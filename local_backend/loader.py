@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -25,7 +26,6 @@ from local_backend.config import ModelConfig
 from local_backend.engine import Engine
 from local_backend.model import Transformer
 from local_backend.openai_api import OpenAIService
-from local_backend.parallel import ParallelContext
 from local_backend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -136,12 +136,12 @@ def load_service(
     weight_format: str | None = None,
     kernel_backend: str | None = None,
     chat_format: str | None = None,
-    parallel: ParallelContext | None = None,
+    model_loader: Callable[..., torch.nn.Module] | None = None,
 ) -> OpenAIService:
     """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI.
 
-    With a `parallel` context of several ranks this is rank 0: it loads its shard and drives
-    the followers (parallel_serve.py), which load theirs in their own processes."""
+    `model_loader` replaces load_model (same arguments), e.g. rank 0's shard of a model over
+    several GPUs (parallel_serve.RankLaunch.load_leader_model)."""
     model_dir = Path(model_dir)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
@@ -158,15 +158,8 @@ def load_service(
             f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the "
             f"model only {config.vocab_size}"
         )
-    model: torch.nn.Module
-    if parallel is not None and parallel.is_parallel:
-        from local_backend.parallel_serve import load_leader_model
-
-        model = load_leader_model(model_dir, parallel, device, dtype, seq_len, max_slots,
-                                  weight_format, kernel_backend)  # fmt: skip
-    else:
-        model = load_model(model_dir, device, dtype, seq_len, max_slots, weight_format,
-                           kernel_backend)  # fmt: skip
+    load: Callable[..., torch.nn.Module] = model_loader or load_model
+    model = load(model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend)
     engine = Engine(
         model, tokenizer, model.config, max_slots=max_slots, max_seq_len=seq_len,
         queue_size=queue_size,

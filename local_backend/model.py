@@ -31,7 +31,6 @@ Legend for shape comments:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,9 +39,7 @@ from torch import nn
 from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
 from local_backend.parallel import SINGLE_PROCESS, ParallelContext
-
-if TYPE_CHECKING:
-    from local_backend.weights import TensorTransform
+from local_backend.weights import TensorTransform, load_weights
 
 
 class RMSNorm(nn.Module):
@@ -268,8 +265,6 @@ class Transformer(nn.Module):
         progress: bool = True,
     ) -> Transformer:
         """Load a Hugging Face Mixtral folder (config.json + safetensors); see weights.py."""
-        from local_backend.weights import load_model  # weights.py builds on this module
-
         return load_model(path, device=device, dtype=dtype, transform=transform, progress=progress)
 
     def forward(
@@ -329,3 +324,17 @@ class Transformer(nn.Module):
         # outputs are ignored.
         allowed |= (query_pos < 0) & (key_pos == 0)
         return allowed[:, None]  # [B, 1, T, S]: broadcast over heads
+
+
+def load_model(
+    path: str | Path,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    transform: TensorTransform | None = None,
+    progress: bool = True,
+) -> Transformer:
+    """ModelConfig.from_model_dir(path), a meta-device Transformer, then weights.load_weights."""
+    config = ModelConfig.from_model_dir(path)
+    model = Transformer.from_config(config, device="meta", dtype=dtype)
+    load_weights(model, path, device=device, dtype=dtype, transform=transform, progress=progress)
+    return model

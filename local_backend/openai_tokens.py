@@ -20,7 +20,9 @@ from local_backend.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-TOOL_CALLS_ID = 5  # [TOOL_CALLS] in the v3 vocabulary (gateway.prompt_format.TOOL_CALLS)
+TOOL_CALLS_ID = (
+    5  # [TOOL_CALLS] in the v3 vocabulary (local_backend.formats.prompt_format.TOOL_CALLS)
+)
 
 
 class PromptEncoder:

@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 4 -m local_backend serve --model-dir DIR  # torchrun starts all 4
 
 Rank 0 is the process that serves HTTP: it loads its shard in the server's loader thread and
-drives the engine (load_leader_model gives the engine a StepLeader). Ranks 1..W-1 load their
+drives the engine (RankLaunch.load_leader_model, load_service's `model_loader`, gives the
+engine a StepLeader). Ranks 1..W-1 load their
 shards (load_rank_model), wait until every rank has loaded (a failure anywhere fails them all,
 with the failing ranks named on rank 0's /readyz), then follow rank 0's steps until it stops
 (run_follower). Each rank reads only its slices of the safetensors (weights.py `split_for`).
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from local_backend import memory_plan
 from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
+from local_backend.loader import plan_memory
 from local_backend.model import Transformer
 from local_backend.parallel import (
     ParallelContext,
@@ -63,8 +65,6 @@ def plan_rank(
         return memory_plan.choose_format(config, device, override=weight_format,
                                          max_seq_len=max_seq_len, max_slots=max_slots,
                                          ranks=ranks)  # fmt: skip
-    from local_backend.loader import plan_memory  # the loader imports this module lazily
-
     share = memory_plan.device_memory_bytes(device) // ranks
     return plan_memory(config, share, dtype, max_seq_len, max_slots, ranks=ranks)
 
@@ -101,24 +101,6 @@ def load_rank_model(
         # module's route(); fused_moe has no expert range yet (docs/multi_gpu.md).
         quantizer.finalize(model, "torch")
     return model
-
-
-def load_leader_model(
-    model_dir: str | Path,
-    parallel: ParallelContext,
-    device: torch.device,
-    dtype: torch.dtype,
-    max_seq_len: int,
-    max_slots: int,
-    weight_format: str | None = None,
-    kernel_backend: str | None = None,
-) -> StepLeader:
-    """Rank 0's shard wrapped so that every forward reaches the followers (load_service)."""
-    if kernel_backend == "triton":
-        raise ValueError("--kernels triton does not run over several ranks yet; use torch")
-    model = load_rank_model(model_dir, parallel, device, dtype, max_seq_len, max_slots,
-                            weight_format)  # fmt: skip
-    return StepLeader(model)
 
 
 @dataclass(frozen=True)
@@ -228,6 +210,24 @@ class RankLaunch:
     @property
     def device(self) -> torch.device:
         return device_for_rank(self.options.device_type, self.parallel.rank)
+
+    def load_leader_model(
+        self,
+        model_dir: str | Path,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_seq_len: int,
+        max_slots: int,
+        weight_format: str | None = None,
+        kernel_backend: str | None = None,
+    ) -> StepLeader:
+        """Rank 0's shard, wrapped so that every forward reaches the followers: what
+        load_service takes as its `model_loader` (loader.load_model's arguments)."""
+        if kernel_backend == "triton":
+            raise ValueError("--kernels triton does not run over several ranks yet; use torch")
+        model = load_rank_model(model_dir, self.parallel, device, dtype, max_seq_len,
+                                max_slots, weight_format)  # fmt: skip
+        return StepLeader(model)
 
     def follow(self) -> int:
         """A follower rank under torchrun: load, follow, leave the group; the exit code."""

@@ -3,7 +3,8 @@
 Sources (`Tokenizer.from_model_dir` tries them in this order):
 1. `tokenizer.model` (or Mistral's `tokenizer.model.v3` naming) read with sentencepiece -- the
    file the models were trained with, and what mistral-common encodes with;
-2. `tokenizer.json` read with `tokenizers` through `gateway.spm_tokenizer.SpmJsonTokenizer`,
+2. `tokenizer.json` read with `tokenizers` through
+   `local_backend.formats.spm_tokenizer.SpmJsonTokenizer`,
    which fixes the two ways a plain tokenizer.json differs from SentencePiece (control tokens
    from text, user-defined pieces) -- also the path when sentencepiece is not installed.
 Without a model folder, `Tokenizer.for_model` uses the files the installed mistral-common ships:
@@ -24,9 +25,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
 
-from gateway.prompt_format import FORMAT_TOKENIZER, format_for_model
-from gateway.spm_tokenizer import BYTE_PIECE, SPACE_PIECE, SpmJsonTokenizer
 from local_backend.detokenize import StreamDecoder
+from local_backend.formats.prompt_format import FORMAT_TOKENIZER, format_for_model
+from local_backend.formats.spm_tokenizer import BYTE_PIECE, SPACE_PIECE, SpmJsonTokenizer
 
 MISTRAL_COMMON_FILES = {
     "v1": "tokenizer.model.v1",  # WizardLM-2 (Mixtral-8x22B base vocabulary, 32000)

@@ -1,10 +1,11 @@
 """Load Hugging Face Mixtral safetensors into local_backend.model.Transformer.
 
-Public API:
+Public API (model.py builds on this module, never the other way round):
 
-    load_model(path, device, dtype, transform=None, progress=True) -> Transformer
+    model.load_model(path, device, dtype, transform=None, progress=True) -> Transformer
         config.json -> ModelConfig, the model built on the meta device (no memory), then
-        every parameter materialised from the files straight onto `device` in `dtype`.
+        every parameter materialised from the files straight onto `device` in `dtype`
+        (also `Transformer.from_model_dir`).
     load_weights(model, path, device, dtype, transform=None, progress=True) -> None
         the same into a model you built (on "meta" or anywhere; every parameter is replaced).
     TensorTransform = Callable[[str, Tensor], Tensor]
@@ -57,7 +58,6 @@ from torch import nn
 from tqdm import tqdm
 
 from local_backend.config import ModelConfig
-from local_backend.model import Transformer
 from local_backend.parallel import TensorSplit
 
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
@@ -164,7 +164,7 @@ def _shard_files(model_dir: Path) -> dict[Path, list[str] | None]:
 
 
 def load_weights(
-    model: Transformer,
+    model: nn.Module,
     path: str | Path,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
@@ -173,7 +173,11 @@ def load_weights(
     split_for: SplitFn | None = None,
 ) -> None:
     """Materialise every parameter of `model` from the safetensors in `path` (see module doc)."""
-    config = model.config
+    config = getattr(model, "config", None)
+    if not isinstance(config, ModelConfig):
+        raise TypeError(
+            "load_weights needs a model with a ModelConfig `config` (model.Transformer)"
+        )
     model_dir = Path(path)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
     splits = {n: s for n, shape in expected.items() if split_for and (s := split_for(n, shape))}
@@ -203,7 +207,7 @@ def load_weights(
         bar.close()
 
     if "output.weight" not in done and config.tie_embeddings and "tok_embeddings.weight" in done:
-        _set_parameter(model, "output.weight", model.tok_embeddings.weight)
+        _set_parameter(model, "output.weight", model.get_parameter("tok_embeddings.weight"))
         done.add("output.weight")
     missing = []
     for name in expected:
@@ -324,17 +328,3 @@ def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
-
-
-def load_model(
-    path: str | Path,
-    device: torch.device | str = "cpu",
-    dtype: torch.dtype = torch.bfloat16,
-    transform: TensorTransform | None = None,
-    progress: bool = True,
-) -> Transformer:
-    """ModelConfig.from_model_dir(path), a meta-device Transformer, then load_weights."""
-    config = ModelConfig.from_model_dir(path)
-    model = Transformer.from_config(config, device="meta", dtype=dtype)
-    load_weights(model, path, device=device, dtype=dtype, transform=transform, progress=progress)
-    return model

@@ -4,7 +4,7 @@
     # ProviderResponse  when request.stream is False: the upstream's OpenAI-shaped body
     # ProviderStream    when request.stream is True: async-iterate OpenAI chunk dicts
 
-A provider raises only `gateway.errors.UpstreamError` subclasses. It enforces the phase
+A provider raises only `providers.errors.UpstreamError` subclasses. It enforces the phase
 timeouts it is given (connect, headers, first token, gap between chunks, total), normalises the
 upstream's quirks (slug, headers, leaked end-of-sequence text) and never logs or returns a key.
 Usage accounting, retries and fallback are the dispatcher's business, not the provider's.

@@ -21,21 +21,15 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from gateway.catalog import Catalog
-from gateway.errors import UpstreamError, UpstreamHTTPError, UpstreamTimeout
 from providers.base import (
     PhaseTimeouts,
-    Provider,
     ProviderRequest,
     ProviderResponse,
     ProviderStream,
 )
-from providers.openai_compat import OpenAICompatProvider
-
-if TYPE_CHECKING:
-    from gateway.settings import Settings
+from providers.errors import UpstreamError, UpstreamHTTPError, UpstreamTimeout
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +38,6 @@ class LocalRejected(UpstreamError):
     """The backend refused the request (its context, a parameter): try the next route."""
 
     kind = "local_rejected"
-
-
-def local_route_model(catalog: Catalog) -> tuple[str, str]:
-    """(slug, chat_format) of the catalog's local route; the backend serves that one model."""
-    for model in catalog.models.values():
-        for route in model.routes:
-            if route.kind == "local":
-                return route.slug, model.chat_format
-    raise ValueError(f"{catalog.source}: no model has a route on a local provider")
 
 
 class InProcessLocalProvider:
@@ -200,24 +185,3 @@ def _upstream_error(route_id: str, exc: Exception) -> UpstreamError:
         return LocalRejected(route_id, f"local backend refused the request: {message}")
     log.error("local backend failed a request: %s", message, exc_info=exc)
     return UpstreamHTTPError(route_id, 500, "local backend error")
-
-
-def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
-    """In-process when LOCAL_MODEL_DIR is set, else our backend's server at LOCAL_BASE_URL."""
-    name = next(n for n, spec in catalog.providers.items() if spec.kind == "local")
-    if settings.local_model_dir is not None:
-        model_name, chat_format = local_route_model(catalog)
-        return InProcessLocalProvider(
-            name,
-            settings.local_model_dir,
-            model_name=model_name,
-            chat_format=chat_format,
-            device=settings.local_device,
-            dtype=settings.local_dtype,
-            max_slots=settings.local_max_slots,
-            max_seq_len=settings.local_max_seq_len,
-            queue_size=settings.local_queue_size,
-        )
-    assert settings.local_base_url is not None
-    key = settings.provider_key("local") or "local"
-    return OpenAICompatProvider(name, settings.local_base_url, key)

@@ -30,7 +30,9 @@ from typing import Any, NoReturn
 
 import httpx
 
-from gateway.errors import (
+from providers import json_codec
+from providers.base import PhaseTimeouts, ProviderRequest, ProviderResponse
+from providers.errors import (
     UpstreamAuthError,
     UpstreamConnectError,
     UpstreamError,
@@ -39,8 +41,6 @@ from gateway.errors import (
     UpstreamTimeout,
     redact,
 )
-from providers import json_codec
-from providers.base import PhaseTimeouts, ProviderRequest, ProviderResponse
 from providers.http1 import Http1Response, Http1Transport, Origin, origin_of, request_head
 from providers.openai_stream import OpenAIStream
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock

@@ -18,9 +18,9 @@ from typing import Any
 
 import httpx
 
-from gateway.errors import UpstreamConnectError, UpstreamProtocolError
 from providers import json_codec
 from providers.base import PhaseTimeouts
+from providers.errors import UpstreamConnectError, UpstreamProtocolError
 from providers.http1 import Http1Response
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock
 from providers.sse import (

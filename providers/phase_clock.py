@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import httpx
 
-from gateway.errors import UpstreamTimeout
+from providers.errors import UpstreamTimeout
 
 # What a connection dropping mid-exchange looks like through httpx.
 NETWORK_ERRORS = (httpx.NetworkError, httpx.RemoteProtocolError)

@@ -1,10 +1,11 @@
-"""Generate gateway/tokenizer_data/{v1,v3}.tokenizer.json from mistral-common's SentencePiece files.
+"""Generate local_backend/formats/tokenizer_data/{v1,v3}.tokenizer.json from mistral-common's
+SentencePiece files.
 
 The gateway counts prompt tokens with the `tokenizers` package only (no sentencepiece, no
 mistral-common, no torch), so it needs the two SentencePiece BPE models as `tokenizer.json`.
 Run once, commit the output:
 
-    .venv/bin/python scripts/make_tokenizer_json.py            # writes gateway/tokenizer_data/
+    .venv/bin/python scripts/make_tokenizer_json.py   # writes local_backend/formats/tokenizer_data/
     .venv/bin/python scripts/make_tokenizer_json.py --check    # fails if the files are stale
 
 Why our own conversion rather than transformers' LlamaConverter: that one needs protobuf (not a
@@ -29,7 +30,8 @@ How SentencePiece BPE encodes (and what the JSON reproduces):
 - control pieces (<unk>, <s>, </s>, [INST], ...) are special added tokens, user-defined pieces
   ([REFERENCE_DOC_n] in v3) non-special added tokens, as in Hugging Face's own conversions.
   Loaders must set `encode_special_tokens = True` (text never yields a control token in
-  SentencePiece) -- gateway/spm_tokenizer.py does, and also handles user-defined pieces exactly.
+  SentencePiece) -- local_backend/formats/spm_tokenizer.py does, and also handles user-defined
+  pieces exactly.
 tests/test_tokens.py proves ids equal SentencePiece's on a varied corpus.
 """
 
@@ -46,7 +48,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 
 REPO = Path(__file__).resolve().parents[1]
-OUT_DIR = REPO / "gateway" / "tokenizer_data"
+OUT_DIR = REPO / "local_backend" / "formats" / "tokenizer_data"
 SOURCES = {
     "v1": "tokenizer.model.v1",
     "v3": "mistral_instruct_tokenizer_240323.model.v3",

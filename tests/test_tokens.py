@@ -1,4 +1,5 @@
-"""gateway/tokens.py and the tokenizer.json files it reads (gateway/tokenizer_data/).
+"""gateway/routing/tokens.py and the tokenizer.json files it reads
+(local_backend/formats/tokenizer_data/).
 
 - the JSON tokenizers give SentencePiece's ids (sentencepiece on mistral-common's .model files)
   on the shared corpus and on fuzz, and are what scripts/make_tokenizer_json.py generates;
@@ -20,14 +21,14 @@ from typing import Any
 
 import pytest
 
-from gateway.prompt_format import (
+from gateway.routing.tokens import DATA_DIR, TOKENIZER_FILES, PromptCounter, neutral_segments
+from local_backend.formats.prompt_format import (
     MISTRAL_V3,
     VICUNA,
     WIZARDLM2_SYSTEM_PROMPT,
     ChatFormatError,
     render_chat,
 )
-from gateway.tokens import DATA_DIR, TOKENIZER_FILES, PromptCounter, neutral_segments
 from tests.tokenizer_corpus import CORPUS, random_texts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,9 +297,11 @@ def test_malformed_chats_get_a_clear_error_or_an_estimate(counter: PromptCounter
 
 def test_the_gateway_counter_needs_only_tokenizers() -> None:
     script = (
-        "import sys; from gateway.tokens import PromptCounter; "
+        "import sys; from gateway.routing.tokens import PromptCounter; "
         "n = PromptCounter().count_chat('mistral_v3', [{'role': 'user', 'content': 'hi'}]); "
-        "heavy = {'torch', 'sentencepiece', 'mistral_common', 'local_backend', 'transformers'}; "
+        "heavy = {'torch', 'sentencepiece', 'mistral_common', 'transformers', 'numpy'}; "
+        "heavy |= {m for m in sys.modules if m.startswith('local_backend.') "
+        "and not m.startswith('local_backend.formats')}; "
         "print(n, sorted(heavy & set(sys.modules)))"
     )
     out = subprocess.run(

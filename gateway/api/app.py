@@ -35,9 +35,9 @@ from gateway.catalog import load_configured_catalog
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, render_error
 from gateway.logging_setup import configure_logging
+from gateway.provider_setup import build_providers, close_providers
 from gateway.settings import Settings
 from gateway.stats import StatsMetrics, make_stats
-from providers.registry import build_providers, close_providers
 
 log = logging.getLogger("gateway.api")
 

@@ -24,8 +24,8 @@ from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
 
+from gateway.dispatch import StreamGuard
 from gateway.errors import GatewayError, stream_error_event
-from gateway.stream_guard import StreamGuard
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -31,7 +31,7 @@ seq already claimed, drop the rest as a "duplicate". What happens to a refused b
     logging an error and counting moegw_stats_batch_increments_dropped_total: the other
     records of the batch are applied, exactly once.
   * anything else (a foreign key of the wrong type in our namespace, READONLY, OOM): retried
-    unchanged and dropped after GIVE_UP_REJECTED_S (redis_store.py).
+    unchanged and dropped after GIVE_UP_REJECTED_S (redis_sync.py).
 
 Redis Cluster: a script may only touch keys of one slot; give the prefix a hash tag
 ("{moegw}:") so that every key lands in the same slot.

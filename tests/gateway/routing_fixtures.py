@@ -25,7 +25,7 @@ import httpx
 from gateway.catalog import Catalog, build_catalog, load_catalog
 from gateway.prices import PriceBook
 from gateway.routing import Availability, Router
-from gateway.routing_prompt import PromptText
+from gateway.routing.prompt import PromptText
 from gateway.settings import DEFAULT_CONFIG, HOSTED_PROVIDERS, Settings
 from gateway.stats.base import Attempt, RouteHealth, Usage, UsageTotals, WindowStats
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from gateway.catalog import CatalogError, build_catalog, load_catalog
+from gateway.routing.tokens import PromptCounter
 from gateway.settings import DEFAULT_CONFIG
-from gateway.tokens import PromptCounter
 from tests.gateway.routing_fixtures import MIXTRAL, WIZARD, make_router, small_catalog_data
 
 # The design table (shared/design.md, from the providers' pages): route -> ($/1M in, out, context)

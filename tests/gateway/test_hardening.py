@@ -14,8 +14,8 @@ from gateway.api.schemas import INT32_MAX, _where, validate_request
 from gateway.errors import ContextLengthExceeded, InvalidRequest
 from gateway.prices import PriceBook
 from gateway.routing import Router, request_cost
-from gateway.routing_prompt import PromptText, without_surrogates
-from gateway.tokens import PromptCounter
+from gateway.routing.prompt import PromptText, without_surrogates
+from gateway.routing.tokens import PromptCounter
 from tests.gateway.routing_fixtures import (
     LEPTON,
     WIZARD,

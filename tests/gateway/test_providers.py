@@ -20,9 +20,9 @@ from gateway.errors import (
     UpstreamProtocolError,
     UpstreamTimeout,
 )
+from gateway.provider_setup import build_providers
 from providers.base import PhaseTimeouts, ProviderRequest, ProviderResponse
 from providers.openai_compat import OpenAICompatProvider, parse_retry_after
-from providers.registry import build_providers
 from providers.sse import SSEDecoder, TextStripper, normalize_usage
 from tests.fakes.deepinfra_samples import DEEPINFRA_SAMPLE_BODY
 from tests.fakes.server import free_port

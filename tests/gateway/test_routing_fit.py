@@ -1,7 +1,7 @@
 """Context fit: the byte bound, exact counting near the limit, output limits, default max_tokens.
 
 With a fixed-count fake counter (exact boundaries) and with the real tokenizers
-(gateway.tokens.PromptCounter): the cheap bound must never be below the real count.
+(gateway.routing.tokens.PromptCounter): the cheap bound must never be below the real count.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 
 from gateway.catalog import build_catalog
 from gateway.errors import ContextLengthExceeded
-from gateway.routing_prompt import PromptText
-from gateway.tokens import PromptCounter
+from gateway.routing.prompt import PromptText
+from gateway.routing.tokens import PromptCounter
 from tests.gateway.routing_fixtures import (
     CountingCounter,
     chat,

@@ -22,7 +22,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from local_backend.kernels.quality import (
+from local_backend.model import Transformer
+from local_backend.quant_quality import (
     QualityReport,
     byte_config,
     evaluate_quantization,
@@ -30,7 +31,6 @@ from local_backend.kernels.quality import (
     package_text,
     train_byte_model,
 )
-from local_backend.model import Transformer
 
 THRESHOLDS = {"int8": (0.98, 1e-3), "int4": (0.90, 1e-2)}  # (min agreement, max mean KL)
 

@@ -1,4 +1,5 @@
-"""Prompt encoding for the local backend (local_backend/chat_format.py + gateway/prompt_format.py).
+"""Prompt encoding for the local backend (local_backend/chat_format.py and
+local_backend/formats/prompt_format.py).
 
 - mistral_v3: ids equal mistral-common's own v3 encoder (MistralTokenizer.v3(),
   ChatCompletionRequest.from_openai, encode_chat_completion) for system, multi-turn and tool chats;
@@ -18,13 +19,18 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ConfigDict
 
-from gateway.prompt_format import ChatFormatError, format_for_model, mistral_tool_call_id
-from gateway.tokens import DATA_DIR, TOKENIZER_FILES
 from local_backend.chat_format import (
     ChatEncoder,
     ToolCallParseError,
     encode_chat,
     parse_tool_calls,
+)
+from local_backend.formats import TOKENIZER_DATA_DIR as DATA_DIR
+from local_backend.formats import TOKENIZER_FILES
+from local_backend.formats.prompt_format import (
+    ChatFormatError,
+    format_for_model,
+    mistral_tool_call_id,
 )
 from local_backend.tokenizer import Tokenizer
 

@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from gateway.tokens import DATA_DIR, TOKENIZER_FILES
+from local_backend.formats import TOKENIZER_DATA_DIR as DATA_DIR
+from local_backend.formats import TOKENIZER_FILES
 from local_backend.tokenizer import MISTRAL_COMMON_FILES, Tokenizer
 from tests.tokenizer_corpus import CORPUS, random_texts
 

@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from local_backend.config import ModelConfig
-from local_backend.model import Transformer
-from local_backend.weights import WeightsError, load_model, load_weights
+from local_backend.model import Transformer, load_model
+from local_backend.weights import WeightsError, load_weights
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,9 @@
 """SentencePiece's exact token ids from a `tokenizer.json`, with the `tokenizers` package only.
 
-Used by the gateway's counter (`gateway/tokens.py`, on the files that
-`scripts/make_tokenizer_json.py` generates into `gateway/tokenizer_data/`) and by the local
-backend's tokenizer when a model folder has a `tokenizer.json` but no `tokenizer.model`. It has no
+Used by the gateway's counter (`gateway/routing/tokens.py`, on the files that
+`scripts/make_tokenizer_json.py` generates into `local_backend/formats/tokenizer_data/`) and
+by the local backend's tokenizer when a model folder has a `tokenizer.json` but no
+`tokenizer.model`. It has no
 dependency beyond `tokenizers`, so the gateway stays light (no sentencepiece, no torch).
 
 Two places where a plain `Tokenizer.encode` differs from SentencePiece, fixed here:

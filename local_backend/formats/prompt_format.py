@@ -5,7 +5,7 @@ A rendered prompt is a list of segments. An `int` is a control token placed by i
 text that the tokenizer encodes on its own -- SentencePiece adds its dummy-prefix "▁" to each
 segment, as mistral-common does for each message and Hugging Face's (legacy) Llama tokenizer
 does after each special token. The local backend (`local_backend/chat_format.py`, exact ids)
-and the gateway's counter (`gateway/tokens.py`) encode these same segments, which is why the
+and the gateway's counter (`gateway/routing/tokens.py`) encode these same segments, which is why the
 gateway's count equals the backend's prompt length; this module lives in the gateway package
 because the gateway must not import local_backend (torch).
 
@@ -44,7 +44,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from gateway.chat_messages import (
+from local_backend.formats.chat_messages import (
     JOIN,
     NAME,
     Call,

@@ -29,15 +29,22 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
-
 from gateway.accounting import Accountant, body_output_text, client_usage
-from gateway.catalog import Catalog, Model, Route
+from gateway.catalog import Catalog, Route
+from gateway.dispatch.context import (
+    OpenedStream,
+    RequestContext,
+    ServedResponse,
+    next_chunk,
+    quietly_close,
+    trail_entry,
+)
+from gateway.dispatch.retry import RetryPolicy
+from gateway.dispatch.stream_guard import StreamGuard
 from gateway.errors import (
     AllRoutesFailed,
     InvalidRequest,
@@ -49,73 +56,13 @@ from gateway.errors import (
 from gateway.routing import RoutePlan
 from gateway.settings import Settings
 from gateway.stats.base import Attempt, StatsStore
-from gateway.stream_guard import StreamGuard, next_chunk, quietly_close
-from providers.base import Endpoint, Provider, ProviderRequest, ProviderResponse, ProviderStream
+from providers.base import Provider, ProviderRequest, ProviderResponse, ProviderStream
 from providers.sse import chunk_carries_output
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GATEWAY_ONLY_FIELDS = ("debug",)  # besides the router's GATEWAY_FIELDS (provider, models, ...)
-
-
-@dataclass(slots=True)
-class RequestContext:
-    """One client request's bookkeeping across its attempts."""
-
-    endpoint: Endpoint
-    client_key: str
-    started: float  # time.perf_counter() when the gateway began handling the request
-    want_usage: bool = False  # stream_options.include_usage from the client
-    debug: bool = False  # put the attempts trail in the answer
-    upstream_s: float = 0.0  # time spent waiting on upstreams (attempts and backoff)
-    backoff_s: float = 0.0  # of which backoff sleeps (the retry budget)
-    trail: list[dict[str, Any]] = field(default_factory=list)
-    # Stats writes of the answer being served, for after the response is sent (None: at once).
-    after_response: list[Callable[[], None]] | None = None
-
-    def overhead_ms(self) -> float:
-        """Time the gateway itself took so far: wall time minus upstream waits."""
-        return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000.0)
-
-
-@dataclass(slots=True)
-class ServedResponse:
-    body: dict[str, Any]
-    route: Route
-
-
-@dataclass(slots=True)
-class OpenedStream:
-    """A stream attempt that produced its first output: the guard takes it from here."""
-
-    route: Route
-    model: Model
-    stream: ProviderStream
-    chunks: AsyncIterator[dict[str, Any]]
-    head: list[dict[str, Any]]  # chunks read so far (role chunks, then the first output)
-    body: dict[str, Any]  # what was sent upstream
-    started: float  # perf_counter at the attempt's start
-    ttft_s: float
-
-
-def _trail_entry(route: Route, ok: bool, latency_s: float, exc: UpstreamError | None) -> dict:
-    entry: dict[str, Any] = {
-        "route": route.id,
-        "provider": route.provider,
-        "ok": ok,
-        "latency_ms": round(latency_s * 1000.0, 2),
-    }
-    if exc is not None:
-        entry["error"] = exc.kind
-        entry["message"] = exc.message
-        status = getattr(exc, "upstream_status", None)
-        if status is not None:
-            entry["status"] = status
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            entry["retry_after_s"] = retry_after
-    return entry
 
 
 class Dispatcher:
@@ -137,7 +84,7 @@ class Dispatcher:
         self.providers = providers
         self.metrics = metrics
         self.timeouts = settings.timeouts
-        self._rng = rng or random.Random()
+        self.retry = RetryPolicy(settings, rng or random.Random())
 
     # -- public -------------------------------------------------------------------------------
 
@@ -171,6 +118,13 @@ class Dispatcher:
     ) -> StreamGuard:
         _, opened = await self._first_success(plan, body, ctx, self.attempt_stream)
         return StreamGuard(self, plan, body, ctx, opened)
+
+    async def reopen_stream(
+        self, plan: RoutePlan, body: dict[str, Any], ctx: RequestContext, routes: list[Route]
+    ) -> OpenedStream:
+        """Continue a stream on the first of `routes` that opens (the stream guard's seam)."""
+        _, opened = await self._first_success(plan, body, ctx, self.attempt_stream, routes=routes)
+        return opened
 
     # -- the candidate loop and the retries ---------------------------------------------------
 
@@ -209,7 +163,7 @@ class Dispatcher:
                 self.timeouts,
             )
             try:
-                return route, await self._retrying(ctx, attempt, route, provider, request)
+                return route, await self.retry.run(ctx, attempt, route, provider, request)
             except UpstreamError as exc:
                 if exc.fatal_for_request:
                     self._observe_failure(route.model, exc.kind, route.id)
@@ -227,67 +181,6 @@ class Dispatcher:
         self._observe_failure(model, "all_routes_failed")
         summary = "; ".join(f"{a['route']}: {a.get('error', 'ok')}" for a in ctx.trail)
         raise AllRoutesFailed(f"every route failed for {model} ({summary})", attempts=ctx.trail)
-
-    def _should_retry(self, exc: BaseException) -> bool:
-        """Retryable, and any Retry-After within the cap (a longer one: fall back at once)."""
-        if not isinstance(exc, UpstreamError) or not exc.retryable:
-            return False
-        retry_after = getattr(exc, "retry_after", None)
-        return retry_after is None or retry_after <= self.settings.retry_after_cap_s
-
-    def _delay(self, exc: BaseException | None, failures: int) -> float:
-        """The wait after the `failures`-th failed attempt on a route."""
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            return float(retry_after)
-        s = self.settings
-        ceiling = min(s.retry_backoff_base_s * 2 ** (failures - 1), s.retry_after_cap_s)
-        return ceiling / 2 + self._rng.uniform(0, ceiling / 2)  # "equal jitter"
-
-    async def _retrying(
-        self,
-        ctx: RequestContext,
-        attempt: Callable[[Route, Provider, ProviderRequest, RequestContext], Awaitable[T]],
-        route: Route,
-        provider: Provider,
-        request: ProviderRequest,
-    ) -> T:
-        s = self.settings
-        # The common case, a first attempt that succeeds, builds no retry controller: tenacity
-        # takes over after the first retryable failure (its attempt numbers start after it).
-        try:
-            return await attempt(route, provider, request, ctx)
-        except UpstreamError as exc:
-            if not self._should_retry(exc):
-                raise
-            first = exc
-
-        async def sleep(seconds: float) -> None:
-            ctx.backoff_s += seconds
-            ctx.upstream_s += seconds
-            await asyncio.sleep(seconds)
-
-        def wait(state: RetryCallState) -> float:
-            exc = state.outcome.exception() if state.outcome else None
-            return self._delay(exc, 1 + state.attempt_number)
-
-        def stop(state: RetryCallState) -> bool:
-            if 1 + state.attempt_number >= s.retry_attempts_per_route:
-                return True
-            return ctx.backoff_s + state.upcoming_sleep > s.retry_budget_s
-
-        delay = self._delay(first, 1)
-        if s.retry_attempts_per_route <= 1 or ctx.backoff_s + delay > s.retry_budget_s:
-            raise first
-        await sleep(delay)
-        retrying = AsyncRetrying(
-            stop=stop,
-            wait=wait,
-            retry=retry_if_exception(self._should_retry),
-            sleep=sleep,
-            reraise=True,
-        )
-        return await retrying(attempt, route, provider, request, ctx)
 
     # -- attempts -----------------------------------------------------------------------------
 
@@ -315,7 +208,7 @@ class Dispatcher:
             ctx.after_response.append(partial(self.stats.record_attempt, attempt))
         else:
             self.stats.record_attempt(attempt)
-        ctx.trail.append(_trail_entry(route, error is None, latency, error))
+        ctx.trail.append(trail_entry(route, error is None, latency, error))
 
     async def _attempt_complete(
         self, route: Route, provider: Provider, request: ProviderRequest, ctx: RequestContext

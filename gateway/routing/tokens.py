@@ -6,8 +6,9 @@ count that needs each: `tokenizer_data/v1.tokenizer.json` (WizardLM-2) and `v3.t
 `scripts/make_tokenizer_json.py` and read with the `tokenizers` package only (no sentencepiece,
 mistral-common or torch in the gateway). Their ids equal SentencePiece's (tests/test_tokens.py).
 
-A chat is first rendered to the segments of its prompt format (`gateway/prompt_format.py`, the
-same rendering the local backend encodes, so counts agree with its prompt length). Then:
+A chat is first rendered to the segments of its prompt format
+(`local_backend/formats/prompt_format.py`, the same rendering the local backend encodes, so
+counts agree with its prompt length). Then:
 
 - `upper_bound`: no tokenization. Each control segment is one token; a text segment of B UTF-8
   bytes is at most B + 1 tokens. Why: SentencePiece BPE starts from one symbol per character of
@@ -34,7 +35,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.prompt_format import (
+from local_backend.formats import TOKENIZER_DATA_DIR, TOKENIZER_FILES
+from local_backend.formats.prompt_format import (
     BOS,
     EOS,
     FORMAT_TOKENIZER,
@@ -43,10 +45,9 @@ from gateway.prompt_format import (
     format_for_model,
     render_chat,
 )
-from gateway.spm_tokenizer import SpmJsonTokenizer
+from local_backend.formats.spm_tokenizer import SpmJsonTokenizer
 
-DATA_DIR = Path(__file__).with_name("tokenizer_data")
-TOKENIZER_FILES = {"v1": "v1.tokenizer.json", "v3": "v3.tokenizer.json"}
+DATA_DIR = TOKENIZER_DATA_DIR
 
 
 def _nbytes(text: str) -> int:

@@ -11,13 +11,13 @@ ranks exactly as the server routes. `plan`:
 1. models: `model`, then the `models` fallback list (unknown name: ModelNotFound, 404);
 2. per model, each route is evaluated for this request's size: the prompt is bounded cheaply
    and counted exactly with the model's tokenizer only when the bound does not fit some route
-   (routing_prompt.py); the completion budget is max_tokens, else the provider's default
+   (prompt.py); the completion budget is max_tokens, else the provider's default
    (DeepInfra 512), else whatever the route's context leaves;
-3. filters, the first failing one named in `skipped` (routing_filters.py): context fit,
+3. filters, the first failing one named in `skipped` (filters.py): context fit,
    provider.ignore/only, allow_fallbacks with order, availability (hosted: key set; local:
    configured and has capacity), provider limits (DeepInfra n <= 2, stop <= 16),
    require_parameters, max_price (effective prices, overrides included);
-4. order (routing_order.py; routing_prefs.py parses the `provider` object): provider.order
+4. order (order.py; prefs.py parses the `provider` object): provider.order
    entries first, exactly as the client listed them; then, by default, OpenRouter-style load
    balancing: a weighted random order with weight 1/cost² for this request's token mix among
    healthy routes; routes with recent failures (open circuit, consecutive failures) after
@@ -44,47 +44,32 @@ from typing import Any
 from gateway.catalog import Catalog, CatalogError, Model, Route
 from gateway.errors import ContextLengthExceeded, ModelNotFound, NoEligibleRoute
 from gateway.prices import PriceBook
-from gateway.routing_filters import (
+from gateway.routing.filters import (
     GATEWAY_FIELDS,
     Asked,
     Limits,
     requested_max_tokens,
     skip_reason,
 )
-from gateway.routing_order import (
+from gateway.routing.order import (
     NO_HEALTH,
-    STATS_WINDOWS,
     RankedRoute,
     by_cost,
     order_routes,
-    recent_stat,
 )
-from gateway.routing_prefs import (
+from gateway.routing.prefs import (
     DEFAULT_PREFS,
     ProviderPrefs,
     parse_model_list,
     parse_provider_prefs,
 )
-from gateway.routing_prompt import (
+from gateway.routing.prompt import (
     MINIMAL_CHAT,
     PromptCounterLike,
     PromptText,
     without_surrogates,
 )
 from gateway.stats.base import StatsStore
-
-__all__ = [
-    "GATEWAY_FIELDS",
-    "STATS_WINDOWS",
-    "TYPICAL_COMPLETION_TOKENS",
-    "Availability",
-    "NotConfigured",
-    "RankedRoute",
-    "RoutePlan",
-    "Router",
-    "available_from",
-    "recent_stat",
-]
 
 _FLOAT_EXACT = 2**53
 TYPICAL_COMPLETION_TOKENS = 256  # prices the completion when the request sets no max_tokens
@@ -175,7 +160,7 @@ class Router:
             self._available = lambda name: name in names
         self._limits = {name: Limits.of(spec) for name, spec in catalog.providers.items()}
         # Per model: the counter's sound bound of a minimal chat (template overhead), so plain
-        # chats are bounded without rendering them (routing_prompt.py).
+        # chats are bounded without rendering them (prompt.py).
         self._allowance: dict[str, int] = {}
         if counter is not None:
             for model in catalog.models.values():

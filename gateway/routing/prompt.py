@@ -4,7 +4,7 @@ The router needs two numbers per model: an upper bound for the context-fit check
 the real count, so a route that "fits" really fits) and an estimate for the price of this
 request's token mix. `PromptText` walks the body once (UTF-8 byte counts, no copies).
 
-The bound, per model, with a `gateway.tokens.PromptCounter` (the server's case):
+The bound, per model, with a `gateway.routing.tokens.PromptCounter` (the server's case):
 
 - a plain chat (messages with string content, no tools or tool calls):
   `bytes + PER_MESSAGE_BOUND x messages + allowance(model)`, where the allowance is the
@@ -160,7 +160,7 @@ class PromptText:
 
 
 class PromptCounterLike(Protocol):
-    """What the router needs from `gateway.tokens.PromptCounter`."""
+    """What the router needs from `gateway.routing.tokens.PromptCounter`."""
 
     def count(self, model: Model, body: dict[str, Any], endpoint: str) -> int: ...
 

@@ -30,19 +30,23 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from gateway.accounting import Settled, client_usage, output_text, reported_counts
+from gateway.dispatch.context import (
+    AttemptRunner,
+    OpenedStream,
+    RequestContext,
+    next_chunk,
+    quietly_close,
+)
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.routing import RoutePlan
 from providers import json_codec
-from providers.base import ProviderStream
 from providers.sse import choice_text_key
 
 log = logging.getLogger(__name__)
 
-if TYPE_CHECKING:
-    from gateway.dispatch import Dispatcher, OpenedStream, RequestContext
 
 _DONE = b"data: [DONE]\n\n"
 _NOT_CONTINUABLE = ("echo", "logprobs", "suffix")
@@ -51,7 +55,7 @@ _NOT_CONTINUABLE = ("echo", "logprobs", "suffix")
 class StreamGuard:
     def __init__(
         self,
-        dispatcher: Dispatcher,
+        dispatcher: AttemptRunner,
         plan: RoutePlan,
         body: dict[str, Any],
         ctx: RequestContext,
@@ -269,9 +273,7 @@ class StreamGuard:
         stop = body.get("stop")
         self._stops = (stop,) if isinstance(stop, str) else tuple(s for s in stop or () if s)
         try:
-            _, opened = await self._d._first_success(
-                self._plan, body, self._ctx, self._d.attempt_stream, routes=routes
-            )
+            opened = await self._d.reopen_stream(self._plan, body, self._ctx, routes)
         except GatewayError:
             return None
         return opened
@@ -313,21 +315,6 @@ class StreamGuard:
 
 def _chunk_object(endpoint: str) -> str:
     return "chat.completion.chunk" if endpoint == "chat" else "text_completion"
-
-
-async def next_chunk(chunks: AsyncIterator[dict[str, Any]]) -> dict[str, Any] | None:
-    """The next chunk, or None at the end of the stream."""
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return None
-
-
-async def quietly_close(stream: ProviderStream) -> None:
-    try:
-        await stream.aclose()
-    except Exception as exc:  # closing a broken connection may fail again; nothing to do
-        log.debug("closing an upstream stream failed: %s", type(exc).__name__)
 
 
 def _dumps(data: dict[str, Any]) -> bytes:

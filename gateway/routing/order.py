@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.catalog import Route
-from gateway.routing_prefs import ProviderPrefs, order_index
+from gateway.routing.prefs import ProviderPrefs, order_index
 from gateway.stats.base import RouteHealth
 
 STATS_WINDOWS = ("30m", "1d", "5m")  # where sort=throughput|latency look, in this order

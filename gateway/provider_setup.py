@@ -8,7 +8,8 @@ A hosted provider is built only when its `<PROVIDER>_API_KEY` is set; `<PROVIDER
 overrides the catalog's base URL. Optional headers the catalog lists (OpenRouter's HTTP-Referer
 and X-Title) are filled from `<provider>_referer` / `<provider>_title` settings when set.
 The local route exists only when the local backend is configured (LOCAL_MODEL_DIR in-process,
-or LOCAL_BASE_URL over HTTP): `providers.local.build_local_provider` builds it.
+or LOCAL_BASE_URL over HTTP): `build_local_provider` builds it
+(in-process: `providers.local.InProcessLocalProvider`; over HTTP: our server speaks OpenAI).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from gateway.catalog import Catalog, ProviderSpec
 from providers.base import Provider
-from providers.local import build_local_provider
+from providers.local import InProcessLocalProvider
 from providers.openai_compat import OpenAICompatProvider
 
 if TYPE_CHECKING:
@@ -70,3 +71,33 @@ async def close_providers(providers: dict[str, Provider]) -> None:
     for name, result in zip(providers, results, strict=True):
         if isinstance(result, BaseException):
             log.warning("closing provider %s failed: %s", name, type(result).__name__)
+
+
+def local_route_model(catalog: Catalog) -> tuple[str, str]:
+    """(slug, chat_format) of the catalog's local route; the backend serves that one model."""
+    for model in catalog.models.values():
+        for route in model.routes:
+            if route.kind == "local":
+                return route.slug, model.chat_format
+    raise ValueError(f"{catalog.source}: no model has a route on a local provider")
+
+
+def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
+    """In-process when LOCAL_MODEL_DIR is set, else our backend's server at LOCAL_BASE_URL."""
+    name = next(n for n, spec in catalog.providers.items() if spec.kind == "local")
+    if settings.local_model_dir is not None:
+        model_name, chat_format = local_route_model(catalog)
+        return InProcessLocalProvider(
+            name,
+            settings.local_model_dir,
+            model_name=model_name,
+            chat_format=chat_format,
+            device=settings.local_device,
+            dtype=settings.local_dtype,
+            max_slots=settings.local_max_slots,
+            max_seq_len=settings.local_max_seq_len,
+            queue_size=settings.local_queue_size,
+        )
+    assert settings.local_base_url is not None
+    key = settings.provider_key("local") or "local"
+    return OpenAICompatProvider(name, settings.local_base_url, key)

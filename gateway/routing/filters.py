@@ -20,8 +20,8 @@ from typing import Any
 
 from gateway.catalog import ProviderSpec, Route
 from gateway.errors import InvalidRequest
-from gateway.routing_order import RankedRoute
-from gateway.routing_prefs import DEFAULT_PREFS, ProviderPrefs, order_index, route_matches
+from gateway.routing.order import RankedRoute
+from gateway.routing.prefs import DEFAULT_PREFS, ProviderPrefs, order_index, route_matches
 
 # Gateway-only fields never sent upstream, and fields every route takes; anything else a
 # request sets is a "parameter" for unsupported_params / require_parameters.
