@@ -5,10 +5,10 @@
 
 Rank 0 is the process that serves HTTP: it loads its shard in the server's loader thread and
 drives the engine (RankLaunch.load_leader_model, load_service's `model_loader`, gives the
-engine a StepLeader). Ranks 1..W-1 load their
-shards (load_rank_model), wait until every rank has loaded (a failure anywhere fails them all,
-with the failing ranks named on rank 0's /readyz), then follow rank 0's steps until it stops
-(run_follower). Each rank reads only its slices of the safetensors (weights.py `split_for`).
+engine a StepLeader). Ranks 1..W-1 load their shards (load_rank_model), wait until every rank
+has loaded (a failure anywhere fails them all, with the failing ranks named on rank 0's
+/readyz), then follow rank 0's steps until it stops (run_follower). Each rank reads only its
+slices of the safetensors (weights.py `split_for`).
 
 Launching: `--tensor-parallel N` spawns N-1 follower processes (multiprocessing "spawn",
 daemonic, so they end with rank 0) that meet rank 0 through a rendezvous file; under torchrun
