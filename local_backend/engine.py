@@ -153,6 +153,7 @@ class Engine:
             self.max_seq_len,
             device=param.device,
             dtype=cache_dtype or (param.dtype if param.is_floating_point() else torch.bfloat16),
+            kv_heads=getattr(model, "cache_kv_heads", None),  # a rank's share (parallel.py)
         )
         self._scheduler = Scheduler(
             model,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -49,8 +50,10 @@ def plan_memory(
     max_seq_len: int,
     max_slots: int,
     tokens_per_step: int = 2048,
+    ranks: int = 1,
 ) -> memory_plan.MemoryPlan:
-    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width."""
+    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width
+    (one rank's share with `ranks`)."""
     base = memory_plan.plan(
         config,
         device if isinstance(device, int) else torch.device(device),
@@ -58,6 +61,7 @@ def plan_memory(
         max_seq_len=max_seq_len,
         max_slots=max_slots,
         tokens_per_step=tokens_per_step,
+        ranks=ranks,
     )
     width = torch.empty((), dtype=dtype).element_size()
     return dataclasses.replace(
@@ -132,8 +136,12 @@ def load_service(
     weight_format: str | None = None,
     kernel_backend: str | None = None,
     chat_format: str | None = None,
+    model_loader: Callable[..., torch.nn.Module] | None = None,
 ) -> OpenAIService:
-    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI."""
+    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI.
+
+    `model_loader` replaces load_model (same arguments), e.g. rank 0's shard of a model over
+    several GPUs (parallel_serve.RankLaunch.load_leader_model)."""
     model_dir = Path(model_dir)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
@@ -150,7 +158,8 @@ def load_service(
             f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the "
             f"model only {config.vocab_size}"
         )
-    model = load_model(model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend)
+    load: Callable[..., torch.nn.Module] = model_loader or load_model
+    model = load(model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend)
     engine = Engine(
         model, tokenizer, model.config, max_slots=max_slots, max_seq_len=seq_len,
         queue_size=queue_size,
