@@ -1,0 +1,43 @@
+"""`gateway serve`: every option of the server in one function, `serve()`; settings from the
+environment, then the options on top (a bad value of either is one line and exit 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gateway.catalog import CatalogError, load_catalog
+from gateway.cli.inspect import load_settings
+from gateway.cli.output import CliError
+
+
+def serve(
+    host: str | None,
+    port: int | None,
+    config: Path | None,
+    log_format: str | None,
+) -> None:
+    overrides = {
+        name: value
+        for name, value in (("host", host), ("port", port), ("log_format", log_format))
+        if value is not None
+    }
+    settings = load_settings(config, **overrides)
+    try:
+        load_catalog(settings.gateway_config)  # fail fast, with the file and field named
+    except CatalogError as exc:
+        raise CliError(str(exc)) from None
+    import uvicorn
+
+    from gateway.api.app import create_app
+    from gateway.api.http_server import GatewayHttpProtocol
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        # uvicorn builds every access-log line's arguments before the logger checks its level:
+        # when the level hides INFO, nothing would be written, so leave the work undone.
+        access_log=settings.log_level in ("info", "debug", "trace"),
+        http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
+    )
