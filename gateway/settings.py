@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     client_requests_per_min: int | None = Field(None, ge=1)
     client_tokens_per_min: int | None = Field(None, ge=1)
     client_daily_budget_usd: float | None = Field(None, gt=0)
-    client_limits: dict[str, ClientLimit] = Field(default_factory=dict)
+    client_limits: Annotated[dict[str, ClientLimit], NoDecode] = Field(default_factory=dict)
     gateway_admin_token: SecretStr | None = None  # absent = /admin disabled
 
     # hosted providers: keys and base-URL overrides

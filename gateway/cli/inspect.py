@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 from rich import box
 from rich.table import Table
 from rich.text import Text
 
 from gateway.catalog import Catalog, CatalogError, load_catalog
-from gateway.cli.output import CliError, count, emit, emit_json, percent, price, render
+from gateway.cli.output import CliError, count, emit, emit_json, note, percent, price, render
 from gateway.errors import GatewayError
 from gateway.prices import PriceBook
 from gateway.routing import NotConfigured, RankedRoute, Router
@@ -37,6 +38,8 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         first = exc.errors()[0]  # no input values: they may be secrets
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         raise CliError(f"bad setting {where.upper()}: {first['msg']}") from None
+    except SettingsError as exc:  # a value the environment source could not even parse
+        raise CliError(f"bad setting: {exc}") from None
 
 
 def load(config: Path | None) -> tuple[Settings, Catalog]:
@@ -195,7 +198,7 @@ def show_routes(config: Path | None, as_json: bool) -> None:
         tables.append(table)
     emit(render(*tables))
     for line in _legend(list(evals.values())):
-        emit(line)
+        note(line)
     if any(_overridden(e) for e in evals.values()):
         emit("* run-time price override (admin page)")
 
@@ -275,12 +278,12 @@ def show_cheapest(
     emit(render(table))
     for e in ranked:
         if e.fit_error:
-            emit(f"too long: {e.route.id}: {e.fit_error}")
+            note(f"too long: {e.route.id}: {e.fit_error}")
     for line in _legend(ranked):
-        emit(line)
-    emit(f"cheapest usable route: {best or 'none (no key configured, or nothing fits)'}")
+        note(line)
+    note(f"cheapest usable route: {best or 'none (no key configured, or nothing fits)'}")
     if len(shares) > 1:
-        emit(
-            "share: how often the server tries each route first: in proportion to 1/cost²\n"
+        note(
+            "share: how often the server tries each route first: in proportion to 1/cost² "
             "among live routes, to spread load (OpenRouter's policy), not always the cheapest"
         )

@@ -11,6 +11,7 @@ import io
 import json
 import shutil
 import sys
+import textwrap
 from typing import Any
 
 from rich.console import Console, RenderableType
@@ -32,6 +33,11 @@ def emit(text: str) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         raise OutputClosed() from None
+
+
+def note(text: str) -> None:
+    """A line of prose under a table, wrapped to the same width."""
+    emit(textwrap.fill(text, width=width(), subsequent_indent="  ", break_on_hyphens=False))
 
 
 def emit_json(data: Any) -> None:
