@@ -23,7 +23,8 @@ from tests.gateway.routing_fixtures import (
     chat,
     make_router,
 )
-from tests.gateway.test_cli import REPO, clean_env, gateway_cmd, in_process  # noqa: F401 (fixture)
+from tests.gateway.test_cli import REPO, clean_env, gateway_cmd
+from tests.gateway.test_cli import in_process as in_process_fixture  # noqa: F401 (registers it)
 
 ALL_KEYS = {f"{name.upper()}_API_KEY": f"k-{name}" for name in HOSTED_PROVIDERS}
 
