@@ -93,6 +93,10 @@ def test_cheapest_json_ranks_by_cost_for_the_mix() -> None:
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """`gateway ARGS` through gateway.cli.main in this process: (exit status, stdout, stderr)."""
+    return make_in_process(monkeypatch, capsys)
+
+
+def make_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     for name in list(os.environ):
         if name not in clean_env():
             monkeypatch.delenv(name)

@@ -23,8 +23,13 @@ from tests.gateway.routing_fixtures import (
     chat,
     make_router,
 )
-from tests.gateway.test_cli import REPO, clean_env, gateway_cmd
-from tests.gateway.test_cli import in_process as in_process_fixture  # noqa: F401 (registers it)
+from tests.gateway.test_cli import REPO, clean_env, gateway_cmd, make_in_process
+
+@pytest.fixture
+def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """`gateway ARGS` in this process (LEPTON and DEEPINFRA keys set): (status, out, err)."""
+    return make_in_process(monkeypatch, capsys)
+
 
 ALL_KEYS = {f"{name.upper()}_API_KEY": f"k-{name}" for name in HOSTED_PROVIDERS}
 
