@@ -25,6 +25,7 @@ from tests.gateway.routing_fixtures import (
 )
 from tests.gateway.test_cli import REPO, clean_env, gateway_cmd, make_in_process
 
+
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """`gateway ARGS` in this process (LEPTON and DEEPINFRA keys set): (status, out, err)."""
