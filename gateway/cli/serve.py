@@ -3,6 +3,7 @@ environment, then the options on top (a bad value of either is one line and exit
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from gateway.catalog import CatalogError, load_catalog
@@ -27,12 +28,19 @@ def serve(
     except CatalogError as exc:
         raise CliError(str(exc)) from None
     import uvicorn
+    from uvicorn.config import LOGGING_CONFIG
 
     from gateway.api.app import create_app
     from gateway.api.http_server import GatewayHttpProtocol
 
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    if settings.log_format == "json":  # uvicorn's own lines too, from the first one
+        for formatter in log_config["formatters"].values():
+            formatter.clear()
+            formatter["()"] = "gateway.logging_setup.JsonFormatter"
     uvicorn.run(
         create_app(settings),
+        log_config=log_config,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
