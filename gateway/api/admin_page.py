@@ -129,7 +129,7 @@ def login_page(error: str | None = None) -> str:
 
 def _route_row(r: dict[str, Any]) -> str:
     eff = r["effective_price_per_1m"]
-    status_class = "ok" if r["status"] == "available" else "bad"
+    status_class = "ok" if r["state"] == "available" else "bad"
     price_form = (
         "<form class='inline' method='post' action='/admin/prices'>"
         f"<input type='hidden' name='route_id' value='{_e(r['route'])}'>"
@@ -146,7 +146,7 @@ def _route_row(r: dict[str, Any]) -> str:
         f"{r['price_per_1m']['input']:g} / {r['price_per_1m']['output']:g}",
         price_form + (" <b>override</b>" if eff["overridden"] else ""),
         _e(r["context_length"]),
-        f"<span class='{status_class}'>{_e(r['status'])}</span>",
+        f"<span class='{status_class}'>{_e(r['state'])}</span>",
         " / ".join(_pct(r["uptime"][w]) for w in ("5m", "30m", "1d")),
         f"{_secs(r['latency']['p50_s'])} / {_secs(r['latency']['p99_s'])}",
         f"{_secs(r['ttft']['p50_s'])} / {_secs(r['ttft']['p99_s'])}",
