@@ -109,6 +109,7 @@ class ClientQuotas:
         else:
             storage = MemoryStorage()
             self._ledger = _MemoryLedger()
+        self._storage = storage
         self._window = FixedWindowRateLimiter(storage)
         self._items: dict[tuple[str, int], Any] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -219,6 +220,9 @@ class ClientQuotas:
     async def aclose(self) -> None:
         await self.drain()
         await self._ledger.aclose()
+        timer = getattr(self._storage, "timer", None)  # the memory store's expiry task
+        if isinstance(timer, asyncio.Task) and not timer.done():
+            timer.cancel()
 
     def _warn(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -4,11 +4,13 @@ and `cheapest`'s traffic shares are what the server's router does."""
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import json
 import os
 import re
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,12 +18,17 @@ import pytest
 
 from gateway.cli.output import MAX_WIDTH
 from gateway.settings import HOSTED_PROVIDERS
+from gateway.stats import make_stats
+from gateway.stats.base import Attempt
 from tests.gateway.routing_fixtures import (
     LEPTON,
     OPENROUTER,
+    REDIS_URL,
     WIZARD,
     chat,
+    delete_prefix,
     make_router,
+    redis_prefix,
 )
 from tests.gateway.test_cli import REPO, clean_env, gateway_cmd, make_in_process
 
@@ -189,3 +196,50 @@ def test_cheapest_traffic_share_is_the_servers_split(in_process: Any) -> None:
         assert abs(firsts[route] / n - share) < 4 * sigma, (route, firsts, expected)
     # 1/cost² at equal token mixes: 0.48 vs 0.50 per 1M
     assert expected[OPENROUTER] == pytest.approx((1 / 0.48**2) / (1 / 0.48**2 + 1 / 0.5**2))
+
+
+@pytest.fixture
+def prefix() -> Iterator[str]:
+    value = redis_prefix()
+    yield value
+    asyncio.run(delete_prefix(value))
+
+
+def test_a_failing_route_is_never_shown_live_and_gets_no_first_share(prefix: str) -> None:
+    async def record() -> None:
+        stats = make_stats(REDIS_URL, prefix=prefix)
+        try:
+            for _ in range(3):  # what a replica saw: every openrouter call failed
+                stats.record_attempt(
+                    Attempt(OPENROUTER, ok=False, latency_s=0.1, error_kind="http_500")
+                )
+            await stats.flush()
+        finally:
+            await stats.aclose()
+
+    asyncio.run(record())
+    env = {**ALL_KEYS, "REDIS_URL": REDIS_URL, "STATS_PREFIX": prefix}
+    done = subprocess.run(
+        [*gateway_cmd(), "cheapest", "--json", "-m", WIZARD, "--prompt-tokens", "100"],
+        env=clean_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = {r["route"]: r for r in json.loads(done.stdout)["routes"]}
+    assert rows[OPENROUTER]["status"].startswith(("failing", "circuit open")), rows[OPENROUTER]
+    assert rows[OPENROUTER]["traffic_share"] == 0.0  # tried only after the healthy ones
+    assert rows[LEPTON]["status"] == "live" and rows[LEPTON]["traffic_share"] > 0
+    assert rows[OPENROUTER]["uptime"]["5m"] == 0.0
+    table = subprocess.run(
+        [*gateway_cmd(), "routes"],
+        env=clean_env(**env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    row = next(line for line in table.splitlines() if line.split()[:1] == [OPENROUTER])
+    assert "live" not in row and "0.0%" in row
