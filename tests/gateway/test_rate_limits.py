@@ -4,6 +4,7 @@ enforced across two gateway replicas sharing one real Redis (own DB and key pref
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -160,3 +161,39 @@ def test_the_budget_resets_with_the_utc_day(
     quotas = a.app.state.quotas
     quotas.clock = lambda: time.time() + 86_400  # tomorrow
     assert post(a, ALICE).status_code == 200
+
+
+def test_tokens_and_budget_in_memory_without_redis(start_gateway: Callable[..., Gateway]) -> None:
+    gateway = start_gateway(
+        gateway_api_keys=KEYS,
+        client_limits='{"alice": {"tokens_per_min": 5}, "bob": {"daily_budget_usd": 0.000001}}',
+    )
+    window = int(time.time()) // 60
+    for key, code in ((ALICE, "rate_limit_exceeded"), (BOB, "insufficient_quota")):
+        assert post(gateway, key).status_code == 200
+        settle(gateway)
+        refused = post(gateway, key)
+        if int(time.time()) // 60 != window:
+            pytest.skip("the minute window turned during the test")
+        assert_openai_429(refused, code)
+
+
+async def test_an_unreachable_redis_lets_requests_through_with_a_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from gateway.quotas import ClientQuotas
+    from tests.gateway.routing_fixtures import hermetic_settings
+
+    settings = hermetic_settings(
+        redis_url="redis://:s3cret-pass@127.0.0.1:1/0", client_requests_per_min=1
+    )
+    quotas = ClientQuotas(settings)
+    try:
+        with caplog.at_level(logging.WARNING, logger="gateway.quotas"):
+            for _ in range(3):
+                await quotas.check("alice")  # no 429: the limit cannot be known
+    finally:
+        await quotas.aclose()
+    warnings = [r for r in caplog.records if r.name == "gateway.quotas"]
+    assert len(warnings) == 1 and "not enforced" in warnings[0].getMessage()
+    assert "s3cret-pass" not in caplog.text
