@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from gateway.cli import inspect
-from gateway.cli.output import CliError, OutputClosed
+from gateway.cli.output import CliError, OutputClosed, RuntimeFailure
 from gateway.cli.serve import serve as run_server
 
 MAX_TOKENS = 1_000_000_000  # a count above this is a typo, not a prompt: refused, not capped
@@ -153,6 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         return _error(f"{where}{message} (see --help)")
     except CliError as exc:
         return _error(str(exc))
+    except RuntimeFailure as exc:
+        _error(str(exc))
+        return 1
     except (OutputClosed, BrokenPipeError):
         _quiet_stdout()
         return 0

@@ -23,6 +23,10 @@ class CliError(Exception):
     """Bad input (an option, pricing.yaml, a setting, an unknown model): one line, exit 2."""
 
 
+class RuntimeFailure(Exception):
+    """The command could not do its work (e.g. the server could not bind its port): exit 1."""
+
+
 class OutputClosed(Exception):
     """Whoever reads our output has gone (a closed pipe): stop writing, exit quietly."""
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from gateway.catalog import CatalogError, load_catalog
 from gateway.cli.inspect import load_settings
-from gateway.cli.output import CliError
+from gateway.cli.output import CliError, RuntimeFailure
 
 
 def serve(
@@ -38,14 +38,19 @@ def serve(
         for formatter in log_config["formatters"].values():
             formatter.clear()
             formatter["()"] = "gateway.logging_setup.JsonFormatter"
-    uvicorn.run(
-        create_app(settings),
-        log_config=log_config,
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # uvicorn builds every access-log line's arguments before the logger checks its level:
-        # when the level hides INFO, nothing would be written, so leave the work undone.
-        access_log=settings.log_level in ("info", "debug", "trace"),
-        http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
-    )
+    try:
+        uvicorn.run(
+            create_app(settings),
+            log_config=log_config,
+            host=settings.host,
+            port=settings.port,
+            log_level=settings.log_level,
+            # uvicorn builds every access-log line's arguments before the logger checks its
+            # level: when the level hides INFO, nothing would be written, so leave it undone.
+            access_log=settings.log_level in ("info", "debug", "trace"),
+            http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
+        )
+    except SystemExit as exc:  # uvicorn exits 3 when it cannot start (port taken, bad host)
+        if exc.code not in (0, None):
+            where = f"{settings.host}:{settings.port}"
+            raise RuntimeFailure(f"the server could not start on {where} (see above)") from None

@@ -9,6 +9,7 @@ import collections
 import json
 import os
 import re
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +244,21 @@ def test_a_failing_route_is_never_shown_live_and_gets_no_first_share(prefix: str
     ).stdout
     row = next(line for line in table.splitlines() if line.split()[:1] == [OPENROUTER])
     assert "live" not in row and "0.0%" in row
+
+
+def test_a_taken_port_is_a_runtime_failure_exit_1() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [*gateway_cmd(), "serve", "--port", str(port)],
+            env=clean_env(LOG_LEVEL="warning"),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("gateway: error:")]
+    assert errors == [f"gateway: error: the server could not start on 127.0.0.1:{port} (see above)"]
