@@ -32,8 +32,13 @@ class OutputClosed(Exception):
 
 
 def emit(text: str) -> None:
+    line = text if text.endswith("\n") else text + "\n"
     try:
-        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        try:
+            sys.stdout.write(line)
+        except UnicodeEncodeError:  # e.g. PYTHONIOENCODING=ascii: "—" and "²" become "?"
+            encoding = sys.stdout.encoding or "ascii"
+            sys.stdout.write(line.encode(encoding, "replace").decode(encoding))
         sys.stdout.flush()
     except BrokenPipeError:
         raise OutputClosed() from None
@@ -45,7 +50,7 @@ def note(text: str) -> None:
 
 
 def emit_json(data: Any) -> None:
-    emit(json.dumps(data, indent=2, ensure_ascii=False))
+    emit(json.dumps(data, indent=2))  # ASCII escapes: valid JSON whatever the encoding
 
 
 def width() -> int:

@@ -262,3 +262,16 @@ def test_a_taken_port_is_a_runtime_failure_exit_1() -> None:
     assert done.returncode == 1 and "Traceback" not in done.stderr
     errors = [line for line in done.stderr.splitlines() if line.startswith("gateway: error:")]
     assert errors == [f"gateway: error: the server could not start on 127.0.0.1:{port} (see above)"]
+
+
+def test_an_ascii_only_terminal_gets_text_not_a_traceback() -> None:
+    for args in (("routes",), ("cheapest", "-m", WIZARD, "--prompt-tokens", "10")):
+        done = subprocess.run(
+            [*gateway_cmd(), *args],
+            env=clean_env(**ALL_KEYS, PYTHONIOENCODING="ascii"),
+            cwd=REPO,
+            capture_output=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and done.stderr == b"", done.stderr
+        done.stdout.decode("ascii")  # nothing but ASCII reached the terminal
