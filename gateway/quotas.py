@@ -177,7 +177,8 @@ class _RedisCounters:
 
 class ClientQuotas:
     def __init__(self, settings: Settings):
-        self._settings = settings
+        self._overrides = dict(settings.client_limits)
+        self._default = settings.default_client_limit
         self._prefix = settings.stats_prefix
         self._counters: _MemoryCounters | _RedisCounters = (
             _RedisCounters(settings.redis_url) if settings.redis_url else _MemoryCounters()
@@ -187,7 +188,7 @@ class ClientQuotas:
         self.clock = time.time  # tests move the day
 
     def limit(self, client: str) -> ClientLimit:
-        return self._settings.limit_for(client)
+        return self._overrides.get(client, self._default)
 
     # -- before a request -----------------------------------------------------------------------
 

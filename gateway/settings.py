@@ -139,20 +139,22 @@ class Settings(BaseSettings):
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
-    def limit_for(self, client: str) -> ClientLimit:
-        """The limits of a client (its key name, or key id for an unnamed key)."""
-        override = self.client_limits.get(client)
-        if override is not None:
-            return override
+    @property
+    def default_client_limit(self) -> ClientLimit:
+        """Every client's limits unless CLIENT_LIMITS names it."""
         return ClientLimit(
             requests_per_min=self.client_requests_per_min,
             tokens_per_min=self.client_tokens_per_min,
             daily_budget_usd=self.client_daily_budget_usd,
         )
 
+    def limit_for(self, client: str) -> ClientLimit:
+        """The limits of a client (its key name, or key id for an unnamed key)."""
+        return self.client_limits.get(client) or self.default_client_limit
+
     @property
     def limits_configured(self) -> bool:
-        return not self.limit_for("").unlimited or any(
+        return not self.default_client_limit.unlimited or any(
             not limit.unlimited for limit in self.client_limits.values()
         )
 
