@@ -16,25 +16,14 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from gateway.cli import inspect
+from gateway.cli.options import EXIT_CODES, MAX_TOKENS, ConfigOption, JsonOption
 from gateway.cli.output import CliError, OutputClosed, RuntimeFailure
-from gateway.cli.serve import serve as run_server
-
-MAX_TOKENS = 1_000_000_000  # a count above this is a typo, not a prompt: refused, not capped
-
-EXIT_CODES = "Exit status: 0 ok, 1 runtime failure, 2 bad input (options, pricing.yaml, settings)."
-
-
-class LogFormat(StrEnum):
-    text = "text"
-    json = "json"
-
+from gateway.cli.serve import serve
 
 app = typer.Typer(
     name="gateway",
@@ -47,43 +36,9 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 
-ConfigOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="The pricing catalog (YAML).",
-        show_default="$GATEWAY_CONFIG, else the packaged pricing.yaml",
-        dir_okay=False,
-    ),
-]
-JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-
-
-@app.command(
+app.command(
     epilog="Example: [bold]gateway serve --host 0.0.0.0 --port 8000[/]\n\n" + EXIT_CODES,
-)
-def serve(
-    host: Annotated[
-        str | None,
-        typer.Option(help="Address to listen on.", show_default="$HOST, else 127.0.0.1"),
-    ] = None,
-    port: Annotated[
-        int | None,
-        typer.Option(min=1, max=65535, help="TCP port.", show_default="$PORT, else 8000"),
-    ] = None,
-    config: ConfigOption = None,
-    log_format: Annotated[
-        LogFormat | None,
-        typer.Option(
-            case_sensitive=False,
-            help="Log lines as text, or one JSON object per line.",
-            show_default="$LOG_FORMAT, else text",
-        ),
-    ] = None,
-) -> None:
-    """Run the HTTP gateway (OpenAI API, /admin, /metrics)."""
-    run_server(host, port, config, log_format.value if log_format else None)
+)(serve)
 
 
 @app.command(

@@ -1,25 +1,52 @@
-"""`gateway serve`: every option of the server in one function, `serve()`; settings from the
-environment, then the options on top (a bad value of either is one line and exit 2)."""
+"""`gateway serve`: every option of the server in this one function, `serve()`; settings come
+from the environment, the options go on top (a bad value of either: one line, exit 2)."""
 
 from __future__ import annotations
 
 import copy
-from pathlib import Path
+from enum import StrEnum
+from typing import Annotated
+
+import typer
 
 from gateway.catalog import CatalogError, load_catalog
 from gateway.cli.inspect import load_settings
+from gateway.cli.options import ConfigOption
 from gateway.cli.output import CliError, RuntimeFailure
 
 
+class LogFormat(StrEnum):
+    text = "text"
+    json = "json"
+
+
 def serve(
-    host: str | None,
-    port: int | None,
-    config: Path | None,
-    log_format: str | None,
+    host: Annotated[
+        str | None,
+        typer.Option(help="Address to listen on.", show_default="$HOST, else 127.0.0.1"),
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="TCP port.", show_default="$PORT, else 8000"),
+    ] = None,
+    config: ConfigOption = None,
+    log_format: Annotated[
+        LogFormat | None,
+        typer.Option(
+            case_sensitive=False,
+            help="Log lines as text, or one JSON object per line.",
+            show_default="$LOG_FORMAT, else text",
+        ),
+    ] = None,
 ) -> None:
+    """Run the HTTP gateway (OpenAI API, /admin, /metrics)."""
     overrides = {
         name: value
-        for name, value in (("host", host), ("port", port), ("log_format", log_format))
+        for name, value in (
+            ("host", host),
+            ("port", port),
+            ("log_format", log_format.value if log_format else None),
+        )
         if value is not None
     }
     settings = load_settings(config, **overrides)
