@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from importlib import metadata
 from typing import Annotated
 
 import typer
@@ -35,6 +36,27 @@ app = typer.Typer(
     rich_markup_mode="rich",
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        try:
+            version = metadata.version("moe-gateway")
+        except metadata.PackageNotFoundError:  # run from a checkout that was never installed
+            version = "unknown (not installed)"
+        print(f"gateway (moe-gateway) {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[
+        bool,
+        typer.Option("--version", is_eager=True, callback=_version, help="Print the version."),
+    ] = False,
+) -> None:
+    """One OpenAI-compatible endpoint in front of every route to WizardLM-2 8x22B."""
+
 
 app.command(
     epilog="Example: [bold]gateway serve --host 0.0.0.0 --port 8000[/]\n\n" + EXIT_CODES,

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -108,3 +109,8 @@ def test_wheel_installs_in_a_fresh_venv_and_gateway_routes_works(tmp_path: Path)
     )
     assert done.returncode == 0, done.stderr
     assert "lepton/wizardlm-2-8x22b" in done.stdout and "live" in done.stdout
+    version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
+    shown = subprocess.run(
+        [venv / "bin" / "gateway", "--version"], env=env, capture_output=True, text=True
+    )
+    assert shown.returncode == 0 and shown.stdout.strip() == f"gateway (moe-gateway) {version}"
