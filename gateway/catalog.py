@@ -209,16 +209,37 @@ def build_catalog(data: Any, source: str = "pricing.yaml") -> Catalog:
 
 
 def load_catalog(path: Path | str) -> Catalog:
+    """Every way the file can be wrong is one line naming the file and the problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
+        raise CatalogError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        raise CatalogError(f"{path}: the file is empty (expected `providers:` and `models:`)")
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise CatalogError(f"{path}: the top level must be a mapping, not a {kind}")
     return build_catalog(data, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (1-based)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def with_local_backend(

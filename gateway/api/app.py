@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,14 +30,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.accounting import Accountant, EstimateCounter, default_counter
 from gateway.api import admin, admin_dashboard, catalog_routes, health, openai_routes
 from gateway.api.auth import ClientKeys
+from gateway.api.startup_report import log_route_summary
 from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, render_error
 from gateway.logging_setup import configure_logging
 from gateway.provider_setup import build_providers, close_providers
+from gateway.quotas import ChargingStats, make_quotas
 from gateway.settings import Settings
 from gateway.stats import StatsMetrics, make_stats
+from gateway.stats.base import StatsStore
 from gateway.stats.request_log import RequestLog
 
 log = logging.getLogger("gateway.api")
@@ -123,7 +126,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level, settings.secrets())
+        configure_logging(settings.log_level, settings.secrets(), settings.log_format)
         metrics = StatsMetrics()
         stats = make_stats(
             settings.redis_url,
@@ -142,12 +145,21 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             )
             stats.observer = request_log
         providers = build_providers(catalog, settings)
+        log_route_summary(catalog, providers)
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)
+        quotas = make_quotas(settings)
+        usage_sink = stats if quotas is None else cast(StatsStore, ChargingStats(stats, quotas))
         dispatcher = Dispatcher(
-            settings, catalog, stats, Accountant(prices, stats, tokens), providers, metrics=metrics
+            settings,
+            catalog,
+            stats,
+            Accountant(prices, usage_sink, tokens),
+            providers,
+            metrics=metrics,
         )
+        app.state.quotas = quotas
         app.state.metrics = metrics
         app.state.gw = GatewayState(
             settings=settings,
@@ -158,7 +170,6 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             providers=providers,
             dispatcher=dispatcher,
             request_log=request_log,
-            client_keys=app.state.client_keys,
         )
         await stats.start()
         try:
@@ -170,6 +181,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             finally:
                 await prices.aclose()
                 await close_providers(providers)
+                if quotas is not None:
+                    await quotas.aclose()
         finally:
             await stats.aclose()
             if request_log is not None:
@@ -183,6 +196,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.quotas = None  # per-client limits, built by the lifespan when configured
     app.state.client_keys = ClientKeys(settings.gateway_api_keys)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -7,9 +7,10 @@
 
 Route health is colour-coded from what the router itself sees (circuit, consecutive failures,
 recent uptime), not from "is a key configured": a route whose every call fails is red whatever
-its circuit says. Client keys are shown by the names given in GATEWAY_API_KEYS (`name=key`),
-never as keys; unnamed keys keep their key id. Every page goes through `page()`, which redacts
-every configured secret as a last line of defence.
+its circuit says. Client keys are shown by the names given in GATEWAY_API_KEYS (`name:key`;
+usage and the log carry that name, auth.py), never as keys; unnamed keys show their key id.
+Every page goes through `page()`, which redacts every configured secret as a last line of
+defence.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ GOOD, WARN, BAD, OFF = "good", "warn", "bad", "off"
 
 def route_health(entry: dict[str, Any]) -> tuple[str, str]:
     """(css class, why) of one endpoint entry (catalog_routes.endpoint_entry)."""
-    status = entry["status"]
+    status = entry["state"]
     if status in ("no_key", "not_configured"):
         return OFF, "skipped: provider not configured" + (
             " (no API key)" if status == "no_key" else ""
@@ -59,12 +60,6 @@ def route_health(entry: dict[str, Any]) -> tuple[str, str]:
     if uptime is None:
         return GOOD, "healthy (no recent traffic)"
     return GOOD, f"healthy: {uptime * 100:.1f}% uptime"
-
-
-def client_names(state: GatewayState) -> dict[str, str]:
-    keys = getattr(state, "client_keys", None)
-    names = getattr(keys, "names", None)
-    return dict(names()) if callable(names) else {}
 
 
 def _pct(value: float | None) -> str:
@@ -163,7 +158,6 @@ async def charts_fragment(state: GatewayState, span: str) -> str:
 
 
 async def spend_fragment(state: GatewayState, by: str) -> str:
-    names = client_names(state) if by == "client" else {}
     today = time.time()
     days = [time.strftime("%Y-%m-%d", time.gmtime(today - i * DAY_S)) for i in range(SPEND_DAYS)]
     days.reverse()
@@ -174,9 +168,7 @@ async def spend_fragment(state: GatewayState, by: str) -> str:
     except StatsUnavailableError:
         return "<p class='bad'>usage store unavailable (Redis down)</p>"
     keys = sorted({k for usage in per_day for k in usage})
-    stacks = [
-        Series(names.get(k, k), [u[k].cost_usd if k in u else None for u in per_day]) for k in keys
-    ]
+    stacks = [Series(k, [u[k].cost_usd if k in u else None for u in per_day]) for k in keys]
     chart = bar_chart(f"Spend per UTC day by {by}", [d[5:] for d in days], stacks, y_format=usd)
     totals = (await spend_today(state)).get(by) or {}
     head = (
@@ -184,7 +176,7 @@ async def spend_fragment(state: GatewayState, by: str) -> str:
         "<th class=n>completion</th><th class=n>USD</th></tr>"
     )
     body = "".join(
-        f"<tr><td>{_e(names.get(k, k))}</td><td class=n>{t['requests']}</td>"
+        f"<tr><td>{_e(k)}</td><td class=n>{t['requests']}</td>"
         f"<td class=n>{t['prompt_tokens']}</td><td class=n>{t['completion_tokens']}</td>"
         f"<td class=n>{t['cost_usd']:.6f}</td></tr>"
         for k, t in totals.items()
@@ -198,7 +190,6 @@ async def log_fragment(state: GatewayState, route: str | None, status: str) -> s
     if log is None:
         return "<p class=note>request log disabled</p>"
     data = await log.recent(LOG_LIMIT, route=route or None, status=status)
-    names = client_names(state)
     head = (
         "<tr><th>time (UTC)</th><th>route</th><th>status</th><th>error</th>"
         "<th class=n>latency ms</th><th class=n>TTFT ms</th><th class=n>tokens in / out</th>"
@@ -214,7 +205,7 @@ async def log_fragment(state: GatewayState, route: str | None, status: str) -> s
             f"<td>{_e(e.get('error'))}</td><td class=n>{_num(e.get('latency_ms'), '{:.0f}')}</td>"
             f"<td class=n>{_num(e.get('ttft_ms'), '{:.0f}')}</td><td class=n>{tokens}</td>"
             f"<td class=n>{_num(e.get('cost_usd'), '{:.6f}')}</td>"
-            f"<td>{_e(names.get(e.get('client') or '', e.get('client')))}</td></tr>"
+            f"<td>{_e(e.get('client'))}</td></tr>"
         )
     scope = "every replica" if data["shared"] else "this process"
     empty = "<tr><td colspan=9>no attempts yet</td></tr>"

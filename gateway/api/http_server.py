@@ -1,6 +1,6 @@
 """How `gateway serve` runs uvicorn: its httptools protocol, with a response's writes coalesced.
 
-    uvicorn.run(app, http=GatewayHttpProtocol, loop="uvloop", ...)   # gateway/cli.py
+    uvicorn.run(app, http=GatewayHttpProtocol, loop="uvloop", ...)   # gateway/cli/serve.py
 
 uvicorn writes a response's head and its body in two `transport.write` calls, so a small JSON
 answer leaves as two TCP segments: two send syscalls here and two wake-ups of the client (on

@@ -26,7 +26,6 @@ from typing import Any
 
 from fastapi import Request
 
-from gateway.api.auth import ClientKeys
 from gateway.catalog import Catalog
 from gateway.prices import PriceBook
 from gateway.routing import Router, available_from
@@ -46,7 +45,6 @@ class GatewayState:
     providers: dict[str, Provider]  # by provider name, only configured ones
     dispatcher: Any  # gateway.dispatch.Dispatcher
     request_log: RequestLog | None = None  # the dashboard's live log (None: disabled)
-    client_keys: ClientKeys | None = None  # for the dashboard's key names
 
 
 def get_state(request: Request) -> GatewayState:

@@ -29,7 +29,7 @@ LEPTON_FIRST = {"provider": {"order": ["lepton", "openrouter"]}}
 
 
 def _admin_gateway(start: Callable[..., Gateway], **overrides: Any) -> Gateway:
-    return start(gateway_admin_token=TOKEN, gateway_api_keys=[f"alice={ALICE_KEY}"], **overrides)
+    return start(gateway_admin_token=TOKEN, gateway_api_keys=[f"alice:{ALICE_KEY}"], **overrides)
 
 
 def _chat(gateway: Gateway, n: int, **extra: Any) -> None:
@@ -73,10 +73,10 @@ def test_a_route_that_fails_every_call_is_red(failing_lepton: Gateway) -> None:
 def test_route_health_classes() -> None:
     def entry(**kw: Any) -> dict[str, Any]:
         window = {"requests": kw.pop("requests", 10), "uptime": kw.pop("uptime", 1.0)}
-        base = {"status": "available", "circuit": "closed", "consecutive_failures": 0}
+        base = {"state": "available", "circuit": "closed", "consecutive_failures": 0}
         return {**base, "windows": {"5m": window, "30m": window}, **kw}
 
-    assert route_health(entry(status="no_key"))[0] == OFF
+    assert route_health(entry(state="no_key"))[0] == OFF
     assert route_health(entry(circuit="open", consecutive_failures=5))[0] == BAD
     assert route_health(entry(consecutive_failures=2, uptime=0.0))[0] == BAD
     assert route_health(entry(uptime=0.9))[0] == "warn"

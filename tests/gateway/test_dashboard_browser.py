@@ -68,7 +68,7 @@ def test_dashboard_in_a_browser(
         "redis_url": REDIS_URL,
         "stats_prefix": prefix,
         "gateway_admin_token": TOKEN,
-        "gateway_api_keys": [f"alice={CLIENT_KEY}"],
+        "gateway_api_keys": [f"alice:{CLIENT_KEY}"],
         "retry_attempts_per_route": 1,
     }
     a = start_gateway(**settings)
@@ -120,7 +120,10 @@ def test_dashboard_in_a_browser(
             _sign_in(other, b, "bob")
             history = other.inner_text("#price-history")
             assert "alice" in history and OPENROUTER in history and "0.11 / 0.22" in history
-            assert "0.11" in other.inner_text("#overrides")
+            # B's own price book sees it at its next refresh; the section refreshes itself
+            other.wait_for_function(
+                "document.querySelector('#overrides').innerText.includes('0.11')", timeout=15_000
+            )
             if os.environ.get("DASHBOARD_SCREENSHOT"):
                 page.reload()
                 page.screenshot(path=os.environ["DASHBOARD_SCREENSHOT"], full_page=True)
