@@ -4,10 +4,14 @@
         [--host 127.0.0.1] [--port 8001] [--model-name NAME] [--max-slots 8]
         [--max-seq-len 4096] [--queue-size 64] [--weight-format bf16|int8|int4]
         [--kernels triton|torch] [--chat-format vicuna|mistral_v3] [--cpu-threads N]
+        [--alias NAME ...] [--stay-up-on-load-failure]
     python -m local_backend plan --model-dir DIR [--device ...] [--dtype ...] [...]
 
 `serve` checks the memory plan first (a model that cannot fit exits with the arithmetic, code
-2), then answers /livez at once and /readyz once the weights are loaded.
+2), then answers /livez at once, /readyz with the load's progress, and /readyz 200 once the
+weights are loaded. A load that fails exits with code 1 (the reason is logged) unless
+--stay-up-on-load-failure keeps the server up to report it on /readyz. Loading shows a tqdm
+bar on a terminal, else a log line every 10 s (bytes, shards, GB/s).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from local_backend import memory_plan
 from local_backend.config import ConfigError, ModelConfig
+from local_backend.load_progress import LoadState
 from local_backend.loader import (
     DEFAULT_MAX_SEQ_LEN,
     DTYPES,
@@ -51,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--chat-format", choices=("vicuna", "mistral_v3"), default=None)
             cmd.add_argument("--cpu-threads", type=int, default=None, help="torch CPU threads")
             cmd.add_argument("--log-level", default="info")
+            cmd.add_argument(
+                "--alias", action="append", default=[], help="another model name to answer to"
+            )
+            cmd.add_argument(
+                "--stay-up-on-load-failure", action="store_true",
+                help="keep serving /readyz (status failed, with the reason) after a failed load",
+            )  # fmt: skip
     return parser
 
 
@@ -87,6 +99,8 @@ def serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.cpu_threads)
     model_name = args.model_name or args.model_dir.name
 
+    state = LoadState()
+
     def loader():  # type: ignore[no-untyped-def]
         return load_service(
             args.model_dir,
@@ -99,10 +113,24 @@ def serve(args: argparse.Namespace) -> None:
             weight_format=args.weight_format,
             kernel_backend=args.kernels,
             chat_format=args.chat_format,
+            aliases=tuple(args.alias),
+            progress=state.progress,
         )
 
-    app = create_app(loader=loader, model_name=model_name)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    server: uvicorn.Server | None = None
+
+    def load_failed(reason: str) -> None:
+        if not args.stay_up_on_load_failure and server is not None:
+            server.should_exit = True  # main() then exits with code 1
+
+    app = create_app(
+        loader=loader, model_name=model_name, load_state=state, on_load_failed=load_failed
+    )
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower())
+    server = uvicorn.Server(config)
+    server.run()
+    if state.phase == "failed":
+        raise SystemExit(f"error: the model did not load: {state.reason}")
 
 
 def main(argv: list[str] | None = None) -> None:

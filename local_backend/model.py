@@ -39,6 +39,7 @@ from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
 
 if TYPE_CHECKING:
+    from local_backend.load_progress import LoadProgress
     from local_backend.weights import TensorTransform
 
 
@@ -230,7 +231,7 @@ class Transformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         transform: TensorTransform | None = None,
-        progress: bool = True,
+        progress: bool | LoadProgress = True,
     ) -> Transformer:
         """Load a Hugging Face Mixtral folder (config.json + safetensors); see weights.py."""
         from local_backend.weights import load_model  # weights.py builds on this module
