@@ -308,18 +308,22 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _cancel(self, state: _RequestState) -> None:
-        """The consumer went away: a queued request leaves the queue now; a running one
-        is marked, and the engine thread frees its slots before its next step."""
+        """The consumer left: a queued request leaves now, a running one before the next step."""
         with self._cond:
             if state.cancelled or (state not in self._waiting and state not in self._active):
                 return  # already finished, failed or cancelled
             state.cancelled = True
             if state in self._waiting:
                 self._waiting.remove(state)
-                self._stats.requests_cancelled += 1
-                self.telemetry.record_cancel("queued")
-                log.info("request %s cancelled while queued", state.request.request_id)
+                self._count_cancel(state, "queued", 0)
             self._cond.notify_all()
+
+    def _count_cancel(self, state: _RequestState, where: str, freed: int) -> None:
+        self._stats.requests_cancelled += 1
+        self.telemetry.record_cancel(where)
+        log.info(
+            "request %s cancelled while %s: %d slots freed", state.request.request_id, where, freed
+        )
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -347,13 +351,7 @@ class Engine:
             self._active.remove(state)
             freed = self._scheduler.remove(state)
             self._active_slots -= freed
-            self._stats.requests_cancelled += 1
-            self.telemetry.record_cancel("running")
-            log.info(
-                "request %s cancelled while running: %d slot(s) freed",
-                state.request.request_id,
-                freed,
-            )
+            self._count_cancel(state, "running", freed)
 
     def _admit(self) -> None:
         # First come, first served: a request waits until all its n sequences fit, and the
