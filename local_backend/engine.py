@@ -217,10 +217,6 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
-
     def kv_cache_use(self) -> tuple[int, int]:
         """(tokens cached now, tokens the cache holds): the KV cache's fill."""
         return self._scheduler.cached_tokens, self.max_slots * self.max_seq_len
