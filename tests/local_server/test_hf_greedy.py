@@ -56,7 +56,7 @@ def serve_cli(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
     command = [sys.executable, "-m", "local_backend", "serve", "--model-dir", str(folder)]
     command += ["--device", "cpu", "--port", str(port), "--max-slots", "2", "--cpu-threads", "1"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(  # noqa: S603 - our own CLI, fixed arguments
+    return subprocess.Popen(
         [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
     )
 
