@@ -11,11 +11,6 @@ cannot drift from transformers. Regenerate it (after changing the checkpoint) wi
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +20,8 @@ import torch
 
 from local_backend.openai_tokens import token_text
 from local_backend.tokenizer import Tokenizer
+
+from .cli import free_port, serve_cli, wait_ready
 
 REFERENCE = Path(__file__).parent / "data" / "tiny_greedy.json"
 MODEL = "wizardlm-2-8x22b"  # the checkpoint's folder name: the v1 tokenizer and vicuna format
@@ -44,34 +41,6 @@ def transformers_greedy(folder: Path, prompt: list[int], max_tokens: int) -> lis
             logits = model(torch.tensor([ids])).logits[0, -1]
             ids.append(int(logits.argmax()))
     return ids[len(prompt) :]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def serve_cli(folder: Path, port: int, *extra: str) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "local_backend", "serve", "--model-dir", str(folder)]
-    command += ["--device", "cpu", "--port", str(port), "--max-slots", "2", "--cpu-threads", "1"]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen(
-        [*command, *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
-    )
-
-
-def wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.stdout.read().decode() if process.stdout else ""
-        try:
-            if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError("the backend did not become ready")
 
 
 def test_served_checkpoint_answers_transformers_greedy_tokens(tiny_checkpoint: Path) -> None:
