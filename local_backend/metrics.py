@@ -101,7 +101,9 @@ class BackendCollector(Collector):
         yield cancels
         yield _histogram("ttft_seconds", "submit to first token (queue + prefill)", snap["ttft"])
         yield _histogram(
-            "inter_token_seconds", "time between a request's tokens", snap["token_gap"]
+            "inter_token_seconds",
+            "time between a request's token deliveries (one per step)",
+            snap["token_gap"],
         )
 
 

@@ -20,7 +20,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-# Seconds. TTFT spans queueing plus prefill; the gap is one decode step at the running batch.
+# Seconds. TTFT spans queueing plus prefill; a gap is the time between two steps' deliveries
+# of tokens to one request (the step that completes a prompt delivers two tokens at once).
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 TOKEN_GAP_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 CANCEL_WHERE = ("queued", "running")
