@@ -34,6 +34,7 @@ from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, render_error
+from gateway.local_price import LocalPriceFeed
 from gateway.logging_setup import configure_logging
 from gateway.settings import Settings
 from gateway.stats import StatsMetrics, make_stats
@@ -133,6 +134,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         )
         prices = make_prices(settings, catalog)
         providers = build_providers(catalog, settings)
+        prices.measured = LocalPriceFeed(catalog, providers).price  # the local route's price
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)
