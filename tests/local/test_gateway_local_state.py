@@ -5,6 +5,7 @@ model's context and answers to the catalog's names; over HTTP the gateway polls 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -14,6 +15,7 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file, save_file
 
+from gateway.local_price import MIN_DECODE_STEPS, LocalPriceFeed
 from gateway.settings import HOSTED_PROVIDERS
 from local_backend.loader import load_service
 from local_backend.server import create_app
@@ -150,7 +152,26 @@ def test_http_backend_state_reason_and_served_name(
             reply = http.post("/v1/chat/completions", json=body)
         assert reply.status_code == 200, reply.text
         assert reply.json()["provider"] == "local"
-        assert local.decode_throughput() is not None  # type: ignore[attr-defined]
+        # enough decode steps at batch 1 to price from: the gateway's feed reads the backend's
+        # measured figure from its /readyz
+        engine = service.engine
+        asyncio.run(
+            service.completion(
+                {
+                    "model": "my-own-name",
+                    "prompt": [1, 415],
+                    "max_tokens": MIN_DECODE_STEPS + 2,
+                    "ignore_eos": True,
+                }
+            )
+        )
+        measured = engine.telemetry.throughput()["decode_by_batch"]["1"]["tokens_per_s"]
+        gateway.call(local.refresh())  # type: ignore[attr-defined]
+        route = next(r for r in gateway.state.catalog.routes() if r.kind == "local")
+        basis = LocalPriceFeed(gateway.state.catalog, gateway.state.providers).basis(route)
+        assert basis is not None and basis["source"] == "measured" and basis["batch"] == 1
+        assert basis["tokens_per_s"] == pytest.approx(measured)
+        assert gateway.state.prices.measured is not None  # the app prices through a feed
     finally:
         backend.stop()
         service.engine.stop()
