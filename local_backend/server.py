@@ -150,7 +150,7 @@ def _load(holder: _Holder, loader: ServiceLoader, on_failed: Callable[[str], Non
     try:
         holder.service = loader()
         holder.state.ready()
-    except BaseException as exc:  # shown on /readyz; the traceback goes to the log
+    except Exception as exc:  # shown on /readyz; the traceback goes to the log
         log.exception("loading the local model failed")
         holder.state.fail(f"loading failed ({type(exc).__name__}: {exc})")
         if on_failed is not None:
