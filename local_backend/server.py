@@ -174,6 +174,7 @@ async def _respond(
         chunks = await stream(body)  # validation and queue errors raise here, as JSON errors
         return _EventStream(
             _sse(chunks),
+            on_close=chunks.aclose,  # type: ignore[attr-defined]
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
@@ -203,7 +204,18 @@ class _EventStream(StreamingResponse):
     the server announces (Starlette stops watching from 2.4 on, and would only notice a gone
     client at its next write, which a queued request never makes)."""
 
+    def __init__(self, *args: Any, on_close: Callable[[], Awaitable[None]], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._on_close = on_close
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._stream_until_disconnected(send, receive)
+        finally:  # also when the client left before the first chunk was asked for
+            with anyio.CancelScope(shield=True):
+                await self._on_close()
+
+    async def _stream_until_disconnected(self, send: Send, receive: Receive) -> None:
         async with anyio.create_task_group() as group:
 
             async def stream() -> None:

@@ -118,3 +118,17 @@ def test_a_non_stream_client_that_leaves_frees_its_slot_within_one_step(
         assert cancelled(service, "running") == before + 1
         assert any("cancelled while running" in r.getMessage() for r in caplog.records)
     assert engine.stats().completion_tokens < started + 50  # far from its 400 tokens
+
+
+async def test_closing_a_stream_never_read_leaves_the_queue(service: OpenAIService) -> None:
+    """A client gone before its first chunk was asked for: closing the chunk stream cancels."""
+    from local_backend.engine import Engine
+
+    model, tokenizer, config = service.engine.model, service.engine.tokenizer, service.engine.config
+    engine = Engine(model, tokenizer, config, max_slots=1, max_seq_len=64)  # never started
+    queued = OpenAIService(engine, model_name=MODEL)
+    chunks = await queued.completion_stream({"model": MODEL, "prompt": [1, 415], "stream": True})
+    assert engine.capacity().queue_depth == 1
+    await chunks.aclose()  # type: ignore[attr-defined]
+    assert engine.capacity().queue_depth == 0
+    assert engine.telemetry.snapshot()["cancelled"]["queued"] == 1
