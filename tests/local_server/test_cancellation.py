@@ -27,7 +27,7 @@ from local_backend.server import create_app
 from .conftest import wait_for
 
 MODEL = "wizardlm-2-8x22b"
-STEP_S = 0.1  # seconds added to every forward pass
+STEP_S = 0.25  # seconds added to every forward pass: far above the loop's reaction time
 
 
 @pytest.fixture(scope="module")
