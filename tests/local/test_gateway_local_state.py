@@ -110,6 +110,17 @@ def test_in_process_route_clamps_its_context_and_answers_catalog_names(
         ready = http.get("/readyz").json()
     assert ready["checks"]["local"]["status"] == "ready"
     assert ready["checks"]["local"]["max_seq_len"] == 512
+    # the router uses the same clamped context: a longer prompt is the client's 400, not a
+    # request the backend refuses
+    route = next(r for r in gateway.state.catalog.routes() if r.kind == "local")
+    assert route.context == 512
+    long_chat = [{"role": "user", "content": "word " * 600}]  # > 512 tokens
+    with gateway.http() as http:
+        reply = http.post(
+            "/v1/chat/completions", json={"model": "wizardlm-2", "messages": long_chat}
+        )
+    assert reply.status_code == 400
+    assert reply.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_http_backend_state_reason_and_served_name(
