@@ -12,7 +12,8 @@ while the gateway routes) and so knows what an in-process backend knows:
   backend started with another --model-name never answers a client with "unknown model";
 - its measured decode throughput (`decode_throughput()`, for the route's price).
 
-Before the first answer the route is assumed available (the request itself will tell).
+Before the first answer, and for a server whose /readyz is not ours, the route is assumed
+available (the request itself will tell); a backend that does not answer is skipped.
 """
 
 from __future__ import annotations
@@ -44,13 +45,20 @@ class HttpLocalProvider(OpenAICompatProvider):
 
     async def refresh(self) -> dict[str, Any]:
         """Ask the backend's /readyz once; the answer (or why there is none) is kept."""
+        body: Any
         try:
             response = await self._client.get(self._readyz_url, timeout=PROBE_TIMEOUT_S)
-            body = response.json()
-            if not isinstance(body, dict) or "status" not in body:
-                raise ValueError(f"HTTP {response.status_code} without a status")
         except Exception as exc:  # any failure is the backend's state, not ours
             body = {"status": "unreachable", "reason": f"{type(exc).__name__}: {exc}"}
+        else:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            if not isinstance(body, dict) or not isinstance(body.get("status"), str):
+                # not our backend's /readyz (another OpenAI-compatible server): no state to
+                # report, so the route is treated like a hosted one
+                body = {"status": "unknown", "reason": f"/readyz answered {response.status_code}"}
         self.backend = body
         return body
 
@@ -76,6 +84,8 @@ class HttpLocalProvider(OpenAICompatProvider):
         if body is None:
             return None
         status = body.get("status")
+        if status == "unknown":
+            return None
         if status == "ready":
             return None if body.get("accepting", True) else "at capacity (local backend queue full)"
         if status == "loading":
