@@ -113,8 +113,8 @@ def create_app(
         capacity = svc.engine.capacity()
         return {
             "status": "ready",
-            "aliases": list(svc.aliases),
             "model": svc.model_name,
+            "aliases": list(svc.aliases),
             "max_slots": capacity.max_slots,
             "free_slots": capacity.free_slots,
             "queue_depth": capacity.queue_depth,
