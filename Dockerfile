@@ -3,7 +3,8 @@
 FROM python:3.11-slim
 
 # The source tree under /app is what runs (it carries local_backend/formats/tokenizer_data/ and
-# gateway/pricing.yaml, the default catalog; GATEWAY_CONFIG points elsewhere, e.g. a mounted file).
+# pricing.yaml, the default catalog, which gateway/pricing.yaml links to; GATEWAY_CONFIG points
+# elsewhere, e.g. a mounted file).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -18,6 +19,7 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml
     && pip install -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
+COPY pricing.yaml ./
 COPY gateway ./gateway
 COPY providers ./providers
 COPY local_backend ./local_backend

@@ -8,6 +8,7 @@ file's truth.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -286,9 +287,23 @@ def with_local_backend(
 def load_configured_catalog(settings: Settings) -> Catalog:
     """pricing.yaml as this deployment runs it: the file, plus the local backend's settings."""
     local = settings.local_model_dir is not None or settings.local_base_url is not None
+    context = settings.local_max_seq_len if local else None
+    if context is not None and settings.local_model_dir is not None:
+        # the in-process backend clamps to its model's context: route with the same figure
+        context = min(context, _model_context(settings.local_model_dir) or context)
     return with_local_backend(
         load_catalog(settings.gateway_config),
-        context=settings.local_max_seq_len if local else None,
+        context=context,
         gpu_cost_per_hour=settings.local_gpu_cost_per_hour,
         tokens_per_s=settings.local_tokens_per_s,
     )
+
+
+def _model_context(model_dir: Path) -> int | None:
+    """max_position_embeddings of a Hugging Face folder's config.json (None if unreadable:
+    the backend's own load reports that)."""
+    try:
+        value = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None

@@ -3,6 +3,7 @@
     book = PriceBook(catalog, redis_url=settings.redis_url, prefix=settings.stats_prefix)
     await book.start()                      # first load + background refresh (Redis only)
     book.effective(route) -> (input, output)   # USD per 1M tokens; a dict lookup, never I/O
+    book.measured = LocalPriceFeed(...).price  # run-time measured prices (gateway/local_price.py)
     await book.set(route_id, 0.40, 0.45)    # the admin page; visible here before it returns
     await book.clear(route_id)
     await book.history()                    # who changed which price when, newest first
@@ -26,6 +27,7 @@ import logging
 import math
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +136,9 @@ class PriceBook:
         # overwrite it with the older Redis snapshot it read.
         self._version = 0
         self._refresh_failing = False
+        # Prices measured at run time (the local route's, gateway/local_price.py): below an
+        # admin override, above the catalog. None for a route without one.
+        self.measured: Callable[[Route], tuple[float, float] | None] | None = None
 
     @property
     def shared(self) -> bool:
@@ -145,6 +150,8 @@ class PriceBook:
     def effective(self, route: Route) -> tuple[float, float]:
         override = self._overrides.get(route.id)
         if override is None:
+            if self.measured is not None and (measured := self.measured(route)) is not None:
+                return measured
             return route.input_price, route.output_price
         return override.input, override.output
 

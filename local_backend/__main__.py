@@ -4,12 +4,15 @@
         [--host 127.0.0.1] [--port 8001] [--model-name NAME] [--max-slots 8]
         [--max-seq-len 4096] [--queue-size 64] [--weight-format bf16|int8|int4]
         [--kernels triton|torch] [--chat-format vicuna|mistral_v3] [--cpu-threads N]
-        [--tensor-parallel N]
+        [--alias NAME ...] [--stay-up-on-load-failure] [--tensor-parallel N]
     torchrun --nproc-per-node N -m local_backend serve --model-dir DIR [...]
     python -m local_backend plan --model-dir DIR [--device ...] [--dtype ...] [...]
 
 `serve` checks the memory plan first (a model that cannot fit exits with the arithmetic, code
-2), then answers /livez at once and /readyz once the weights are loaded. Over N ranks
+2), then answers /livez at once, /readyz with the load's progress, and /readyz 200 once the
+weights are loaded. A load that fails exits with code 1 (the reason is logged) unless
+--stay-up-on-load-failure keeps the server up to report it on /readyz. Loading shows a tqdm
+bar on a terminal, else a log line every 10 s (bytes, shards, GB/s). Over N ranks
 (`--tensor-parallel N` spawns them, torchrun starts them) the plan is one rank's and rank 0
 serves HTTP (parallel_serve.py, docs/multi_gpu.md).
 """
@@ -26,6 +29,7 @@ import torch
 
 from local_backend import memory_plan
 from local_backend.config import ConfigError, ModelConfig
+from local_backend.load_progress import LoadState
 from local_backend.loader import (
     DEFAULT_MAX_SEQ_LEN,
     DTYPES,
@@ -57,6 +61,13 @@ def build_parser() -> argparse.ArgumentParser:
             cmd.add_argument("--chat-format", choices=("vicuna", "mistral_v3"), default=None)
             cmd.add_argument("--cpu-threads", type=int, default=None, help="torch CPU threads")
             cmd.add_argument("--log-level", default="info")
+            cmd.add_argument(
+                "--alias", action="append", default=[], help="another model name to answer to"
+            )
+            cmd.add_argument(
+                "--stay-up-on-load-failure", action="store_true",
+                help="keep serving /readyz (status failed, with the reason) after a failed load",
+            )  # fmt: skip
     return parser
 
 
@@ -106,6 +117,8 @@ def serve(args: argparse.Namespace) -> None:
         check_plan(args)
     model_name = args.model_name or args.model_dir.name
 
+    state = LoadState()
+
     def loader():  # type: ignore[no-untyped-def]
         return load_service(
             args.model_dir,
@@ -119,6 +132,8 @@ def serve(args: argparse.Namespace) -> None:
             kernel_backend=args.kernels,
             chat_format=args.chat_format,
             model_loader=launch.load_leader_model if launch else None,
+            aliases=tuple(args.alias),
+            progress=state.progress,
         )
 
     def load_all_ranks():  # type: ignore[no-untyped-def]
@@ -127,13 +142,28 @@ def serve(args: argparse.Namespace) -> None:
         assert launch is not None
         return agree_loaded(launch.parallel, loader)  # every rank loaded, or all fail
 
-    app = create_app(loader=loader if launch is None else load_all_ranks, model_name=model_name)
+    server: uvicorn.Server | None = None
+
+    def load_failed(reason: str) -> None:
+        if not args.stay_up_on_load_failure and server is not None:
+            server.should_exit = True  # main() then exits with code 1
+
+    app = create_app(
+        loader=loader if launch is None else load_all_ranks,
+        model_name=model_name,
+        load_state=state,
+        on_load_failed=load_failed,
+    )
     asgi: Any = app
     if launch is not None:
         from local_backend.parallel_serve import CloseRanksOnShutdown
 
         asgi = CloseRanksOnShutdown(app, lambda: launch.close(app.state.holder.service))
-    uvicorn.run(asgi, host=args.host, port=args.port, log_level=args.log_level.lower())
+    config = uvicorn.Config(asgi, host=args.host, port=args.port, log_level=args.log_level.lower())
+    server = uvicorn.Server(config)
+    server.run()
+    if state.phase == "failed":
+        raise SystemExit(f"error: the model did not load: {state.reason}")
 
 
 def launch_ranks(args: argparse.Namespace):  # type: ignore[no-untyped-def]

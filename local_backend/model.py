@@ -31,6 +31,7 @@ Legend for shape comments:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,9 @@ from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
 from local_backend.parallel import SINGLE_PROCESS, ParallelContext
 from local_backend.weights import TensorTransform, load_weights
+
+if TYPE_CHECKING:
+    from local_backend.load_progress import LoadProgress
 
 
 class RMSNorm(nn.Module):
@@ -262,7 +266,7 @@ class Transformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         transform: TensorTransform | None = None,
-        progress: bool = True,
+        progress: bool | LoadProgress = True,
     ) -> Transformer:
         """Load a Hugging Face Mixtral folder (config.json + safetensors); see weights.py."""
         return load_model(path, device=device, dtype=dtype, transform=transform, progress=progress)
@@ -331,7 +335,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     transform: TensorTransform | None = None,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
 ) -> Transformer:
     """ModelConfig.from_model_dir(path), a meta-device Transformer, then weights.load_weights."""
     config = ModelConfig.from_model_dir(path)

@@ -35,6 +35,7 @@ from local_backend.kernels.quant import (
     quantize_int4,
     quantize_int8,
 )
+from local_backend.load_progress import LoadProgress
 from local_backend.model import Transformer
 
 _EXPERT = re.compile(r"layers\.\d+\.block_sparse_moe\.(w1|w2|w3)")
@@ -177,7 +178,7 @@ def load_quantized(
     max_seq_len: int = 4096,
     max_slots: int = 1,
     tokens_per_step: int = 2048,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
 ) -> tuple[Transformer, memory_plan.MemoryPlan]:
     """Load a Hugging Face folder quantized to fit `device` (or to `fmt`), kernels installed.
 

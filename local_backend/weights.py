@@ -3,6 +3,7 @@
 Public API (model.py builds on this module, never the other way round):
 
     model.load_model(path, device, dtype, transform=None, progress=True) -> Transformer
+        progress: True (a tqdm bar on a terminal, else log lines), False, or a LoadProgress
         config.json -> ModelConfig, the model built on the meta device (no memory), then
         every parameter materialised from the files straight onto `device` in `dtype`
         (also `Transformer.from_model_dir`).
@@ -55,9 +56,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from local_backend.config import ModelConfig
+from local_backend.load_progress import LoadProgress
 from local_backend.parallel import TensorSplit
 
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
@@ -169,7 +170,7 @@ def load_weights(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     transform: TensorTransform | None = None,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
     split_for: SplitFn | None = None,
 ) -> None:
     """Materialise every parameter of `model` from the safetensors in `path` (see module doc)."""
@@ -193,8 +194,8 @@ def load_weights(
         done.add(name)
 
     shards = _shard_files(model_dir)
-    total = sum(len(names) for names in shards.values() if names is not None)
-    bar = tqdm(total=total or None, desc="loading weights", unit="tensor", disable=not progress)
+    reporter = progress if isinstance(progress, LoadProgress) else LoadProgress(enabled=progress)
+    reporter.begin(sum(shard.stat().st_size for shard in shards), len(shards))
     try:
         for shard, listed in shards.items():
             with safe_open(str(shard), framework="pt", device="cpu") as f:
@@ -202,9 +203,10 @@ def load_weights(
                     _load_one(
                         f, hf_name, shard, config, expected, splits, partial, finish, device, dtype
                     )
-                    bar.update(1)
+                    reporter.advance(_stored_bytes(f, hf_name))
+            reporter.shard_done(shard.stat().st_size)
     finally:
-        bar.close()
+        reporter.close()
 
     if "output.weight" not in done and config.tie_embeddings and "tok_embeddings.weight" in done:
         _set_parameter(model, "output.weight", model.get_parameter("tok_embeddings.weight"))
@@ -223,6 +225,18 @@ def load_weights(
         raise WeightsError(
             f"{model_dir} lacks {len(missing)} tensor(s): {', '.join(missing[:10])}{more}"
         )
+
+
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def _stored_bytes(f, hf_name: str) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of one tensor in its file (from the header: nothing more is read)."""
+    piece = f.get_slice(hf_name)
+    count = 1
+    for size in piece.get_shape():
+        count *= size
+    return count * _DTYPE_BYTES.get(piece.get_dtype(), 1)
 
 
 def _load_one(

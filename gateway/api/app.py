@@ -35,6 +35,7 @@ from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, render_error
+from gateway.local_price import LocalPriceFeed
 from gateway.logging_setup import configure_logging
 from gateway.provider_setup import build_providers, close_providers
 from gateway.quotas import ChargingStats, make_quotas
@@ -146,6 +147,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             stats.observer = request_log
         providers = build_providers(catalog, settings)
         log_route_summary(catalog, providers)
+        prices.measured = LocalPriceFeed(catalog, providers).price  # the local route's price
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)

@@ -2,7 +2,8 @@
 
 /livez    the process answers: no dependency is consulted (a restart would not help them)
 /readyz   200 when Redis answers a ping (when REDIS_URL is set) and at least one provider
-          is ready; 503 otherwise, with each check's result in the body
+          is ready; 503 otherwise, with each check's result in the body (the local backend's
+          load state and reason under checks["local"])
 /metrics  Prometheus text from the app's own registry (gateway/stats/metrics.py)
 """
 
@@ -49,6 +50,10 @@ async def readyz(request: Request) -> Response:
     names = list(state.providers)
     results = await asyncio.gather(*(_ready(state.providers[n]) for n in names))
     checks["providers"] = dict(zip(names, results, strict=True))
+    for name in names:  # a provider with a state of its own (the local backend) reports it
+        status = getattr(state.providers[name], "status", None)
+        if status is not None:
+            checks[name] = status()
     ready = redis_ok and any(results)
     if not any(results):
         checks["reason"] = "no provider is ready" if names else "no provider is configured"

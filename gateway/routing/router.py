@@ -127,7 +127,11 @@ def available_from(providers: Mapping[str, Any]) -> Callable[[str], str | None]:
             if name == "local":
                 return NotConfigured("local backend not configured")
             return NotConfigured(f"no API key configured ({name.upper()}_API_KEY)")
-        return None if provider.has_capacity() else "at capacity"
+        if provider.has_capacity():
+            return None
+        # a provider that knows why (the local backend: loading, failed, queue full) says so
+        explain = getattr(provider, "unavailable_reason", None)
+        return (explain() if explain is not None else None) or "at capacity"
 
     return check
 

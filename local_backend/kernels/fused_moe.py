@@ -20,17 +20,13 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .quant import (
-    FMT_FLOAT,
-    FMT_INT4,
-    QuantizedWeight,
-    accumulate_weight_tile,
-    finish_channel_scale,
-    weight_tile_ptrs,
-)
+from .quant import FMT_FLOAT, FMT_INT4, QuantizedWeight
 from .reference import ExpertWeight, route
 from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
 from .runtime import triton as _triton
+
+if HAS_TRITON:  # quant.py defines its tile helpers only where triton is installed
+    from .quant import accumulate_weight_tile, finish_channel_scale, weight_tile_ptrs
 
 
 @dataclass(frozen=True)
