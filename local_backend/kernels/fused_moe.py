@@ -17,6 +17,7 @@ K loop by the helpers in quant.py).
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,9 +29,13 @@ from .quant import (
     finish_channel_scale,
     weight_tile_ptrs,
 )
+from .packed import PackedWeight
 from .reference import ExpertWeight, route
 from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
 from .runtime import triton as _triton
+
+if TYPE_CHECKING:
+    from .moe_configs import MoELaunch
 
 
 @dataclass(frozen=True)
@@ -125,6 +130,8 @@ def _weight_parts(weight: ExpertWeight) -> tuple[torch.Tensor, torch.Tensor, int
     """(codes or weights, scales, format code, group size, N) of a stacked [E, N, K] weight."""
     if isinstance(weight, QuantizedWeight):
         return weight.qweight, weight.scales, weight.code, weight.group_size, weight.out_features
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError("packed weights run in packed_moe (fused_experts dispatches them)")
     return weight, weight, FMT_FLOAT, 1, int(weight.shape[1])
 
 
@@ -268,13 +275,26 @@ def fused_experts(
     w2: ExpertWeight,
     config: MoEGemmConfig | None = None,
     down_config: MoEGemmConfig | None = None,
+    launch: MoELaunch | None = None,
 ) -> torch.Tensor:
     """Triton experts for already-routed tokens: x [M, K], topk_* [M, k] -> [M, K] (x's dtype).
 
     `config` / `down_config` override the heuristic tiles (benchmarks and tests); the routing
-    is aligned once, to the first GEMM's BLOCK_M, which both GEMMs share.
+    is aligned once, to the first GEMM's BLOCK_M, which both GEMMs share. Packed experts (the
+    layout quantize-at-load stores) run packed_moe's kernels, with moe_configs' launch (tuned
+    per device and M bucket, `launch` overrides it); bf16 experts read a tuned file as well.
     """
+    from . import moe_configs, packed_moe  # they import this module
+
+    if isinstance(w1, PackedWeight):
+        assert isinstance(w3, PackedWeight) and isinstance(w2, PackedWeight)
+        return packed_moe.packed_experts(x, topk_weights, topk_ids, w1, w3, w2, launch)
     check_device(x)
+    if config is None and isinstance(w1, torch.Tensor):
+        tuned = moe_configs.tuned_launch(x.device, "bf16", int(w1.shape[0]), topk_ids.shape[1],
+                                         x.shape[1], int(w1.shape[1]), x.shape[0])  # fmt: skip
+        if tuned is not None:
+            config, down_config = tuned.gate_up, down_config or tuned.down
     n_tokens, dim = x.shape
     top_k = topk_ids.shape[1]
     w1_codes, _, fmt, _, inter = _weight_parts(w1)
