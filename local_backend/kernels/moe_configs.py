@@ -69,7 +69,9 @@ def device_name(device: torch.device) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name(device)).strip("_")
 
 
-def config_file_name(device: str, fmt: str, n_experts: int, top_k: int, dim: int, inter: int) -> str:
+def config_file_name(
+    device: str, fmt: str, n_experts: int, top_k: int, dim: int, inter: int
+) -> str:
     return f"device={device},format={fmt},E={n_experts},top_k={top_k},dim={dim},inter={inter}.json"
 
 
@@ -115,11 +117,18 @@ def tuned_launch(
 
 
 def default_launch(
-    device: torch.device, fmt: str, n_experts: int, top_k: int, dim: int, inter: int, m: int
+    device: torch.device,
+    fmt: str,
+    n_experts: int,
+    top_k: int,
+    dim: int,
+    inter: int,
+    m: int,
+    sms: int | None = None,
 ) -> MoELaunch:
     """The heuristic: for packed int8/int4 experts, `scan` while M * top_k <= 64, `aligned` to
     256 rows per expert, `dequant` beyond (CUDA only: it syncs to read the counts); bf16 experts
-    keep fused_moe.choose_config's tiles."""
+    keep fused_moe.choose_config's tiles. `sms`: the device's SM count (tests: another device's)."""
     code = {"bf16": FMT_FLOAT, "int8": FMT_INT8, "int4": FMT_INT4}[fmt]
     if fmt == "bf16":
         return MoELaunch(
@@ -135,8 +144,10 @@ def default_launch(
         block_n = 64
         # the down projection (N = dim) alone leaves SMs idle at M = 1: split K until
         # hit experts x N tiles x splits covers two waves
+        if device.type != "cuda":  # the interpreter: its cost is per program and per op
+            block_m, block_n = 16, 128
         programs = min(n_experts, pairs) * cdiv(dim, block_n)
-        split = max(1, min(8, cdiv(2 * sm_count(device), programs)))
+        split = max(1, min(8, cdiv(2 * (sms or sm_count(device)), programs)))
         return MoELaunch(
             "scan",
             MoEGemmConfig(block_m, block_n, 128, num_warps=4, num_stages=4),

@@ -262,7 +262,7 @@ def _launch_packed(
         a.stride(0), weight.codes.stride(0), weight.codes.stride(1), weight.codes.stride(2),
         weight.scales.stride(0), weight.scales.stride(1) if weight.format == "int4" else 0,
         out.stride(0),
-        ROUTE=ROUTE_SCAN if routing is None else ROUTE_ALIGNED, BLOCK_P=_pow2(num_pairs),
+        ROUTE=ROUTE_SCAN if routing is None else ROUTE_ALIGNED, BLOCK_P=max(64, _pow2(num_pairs)),  # one compile for every M <= 32
         A_ROWS_DIV=a_rows_div, C_ROWS_DIV=c_rows_div, FUSE_GATE_UP=weight3 is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None, ATOMIC=atomic,
         BITS=BITS[weight.format], OFFSET=OFFSET[weight.format], PK=weight.pack_k, WIDTH=width,

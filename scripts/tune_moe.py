@@ -1,0 +1,242 @@
+"""Sweep the MoE layer's launch configs on this device and write them as data.
+
+    python scripts/tune_moe.py                    # CUDA: 8x22B shapes, bf16 / int8 / int4
+    python scripts/tune_moe.py --tiny --out-dir D # CPU interpreter smoke run (seconds)
+
+For each format and M bucket (1, 2, 4, 8, 16, 32, 64, 512, 4096 tokens; top-2 of 8 experts)
+the whole MoE layer (routing excluded: fixed random routing, the same for every candidate) is
+timed per candidate launch and the fastest is written to
+local_backend/kernels/configs/device=<name>,format=<fmt>,E=..,top_k=..,dim=..,inter=...json
+(moe_configs.py reads it; nearest bucket wins). The winner of each bucket is checked against
+the heuristic launch's output (relative Frobenius difference < 1e-2) before it is kept.
+
+Search: coordinate descent, not the full product: the gate/up GEMM's tiles are swept with the
+heuristic's down GEMM, then the down GEMM's tiles (and split-K) with the best gate/up. Per
+packed format: 6 decode buckets x (3 gate/up + 5 down) + 64 tokens x 8 + 512 and 4096 x (dequant
++ 3 gate/up + 3 down) = 48 + 8 + 14 = 70 candidates; bf16: 9 buckets x (3 + 3) = 54. About 194
+candidates in all, each ~1.5 s (a triton compile the first time a tile is seen, then 2 warm-up
+and at most 20 timed calls capped at 0.25 s) = ~290 s, plus ~40 s to build and quantize the
+weights: ~5.5 minutes. `--budget-s` (default 420) is a hard stop: past it, the remaining
+candidates are skipped and each bucket keeps the best launch measured so far (the heuristic
+is always measured first), so one sweep always fits in the 8 minutes a GPU run allows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run as a script from anywhere
+
+from local_backend.kernels import reference  # noqa: E402
+from local_backend.kernels.fused_moe import MoEGemmConfig, fused_experts  # noqa: E402
+from local_backend.kernels.moe_configs import (  # noqa: E402
+    CONFIG_DIR,
+    MoELaunch,
+    config_file_name,
+    default_launch,
+    device_name,
+    write_config,
+)
+from local_backend.kernels.packed import repack  # noqa: E402
+from local_backend.kernels.quant import QuantizedWeight, quantize  # noqa: E402
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512, 4096)
+TINY_BUCKETS = (1, 8)
+FORMATS = ("int4", "int8", "bf16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    n_experts: int = 8
+    top_k: int = 2
+    dim: int = 6144
+    inter: int = 16384
+
+
+REAL, TINY = Problem(), Problem(dim=128, inter=256)
+
+
+def time_call(fn: Callable[[], object], quick: bool, cap_s: float = 0.25) -> float:
+    """Median ms of fn(); `quick` (the interpreter): a single call."""
+    cuda = torch.cuda.is_available()
+
+    def once() -> float:
+        if not cuda:
+            start = time.perf_counter()
+            fn()
+            return (time.perf_counter() - start) * 1e3
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return begin.elapsed_time(end)
+
+    if quick:
+        return once()
+    fn()  # compile
+    fn()
+    samples: list[float] = []
+    deadline = time.perf_counter() + cap_s
+    while len(samples) < 20 and (len(samples) < 3 or time.perf_counter() < deadline):
+        samples.append(once())
+    return statistics.median(samples)
+
+
+def gate_up_candidates(fmt: str, m: int, base: MoELaunch, tiny: bool) -> Iterator[MoELaunch]:
+    """Variants of the gate/up tiles of `base` (its strategy and down GEMM kept)."""
+    g = base.gate_up
+    if base.strategy == "dequant":
+        return
+    if fmt == "bf16":
+        tiles = [(g.block_m, 64, 64, 4), (g.block_m, 128, 64, 4), (g.block_m, 128, 64, 8)]
+    elif base.strategy == "scan":
+        tiles = [(g.block_m, 32, 128, 4), (g.block_m, 64, 128, 8), (g.block_m, 128, 128, 4)]
+    else:
+        tiles = [(64, 128, 128, 4), (128, 128, 128, 8), (32, 64, 128, 4)]
+    for block_m, block_n, block_k, warps in tiles[:1] if tiny else tiles:
+        gate_up = dataclasses.replace(
+            g, block_m=block_m, block_n=block_n, block_k=block_k, num_warps=warps
+        )
+        yield dataclasses.replace(base, gate_up=gate_up)
+
+
+def down_candidates(fmt: str, m: int, base: MoELaunch, tiny: bool) -> Iterator[MoELaunch]:
+    d = base.down
+    if base.strategy == "dequant":
+        return
+    if fmt == "bf16":
+        tiles = [(64, 64, 1), (64, 128, 1), (32, 64, 4)]
+    elif base.strategy == "scan":
+        tiles = [(32, 128, 2), (64, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 4)]
+    else:
+        tiles = [(64, 128, 1), (128, 128, 1), (32, 128, 1)]
+    for block_n, block_k, split in tiles[:1] if tiny else tiles:
+        down = dataclasses.replace(d, block_n=block_n, block_k=block_k, split_k=split)
+        yield dataclasses.replace(base, down=down)
+
+
+def build_weights(problem: Problem, fmt: str, device: torch.device) -> list[object]:
+    torch.manual_seed(0)
+    e, d, i = problem.n_experts, problem.dim, problem.inter
+    weights: list[object] = []
+    for shape in ((e, i, d), (e, i, d), (e, d, i)):
+        w = torch.randn(shape, device=device, dtype=torch.bfloat16) * shape[-1] ** -0.5
+        if fmt == "bf16":
+            weights.append(w)
+            continue
+        q = quantize(w, fmt)
+        assert isinstance(q, QuantizedWeight)
+        del w
+        weights.append(repack(q))
+    return weights
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
+
+
+def tune_format(problem: Problem, fmt: str, device: torch.device, buckets: tuple[int, ...],
+                tiny: bool, deadline: float, log: list[dict[str, object]]) -> dict[int, MoELaunch]:  # fmt: skip
+    w1, w3, w2 = build_weights(problem, fmt, device)
+    dtype = torch.float32 if tiny else torch.bfloat16
+    table: dict[int, MoELaunch] = {}
+    for m in buckets:
+        x = torch.randn(m, problem.dim, device=device, dtype=dtype)
+        weights, ids = reference.route(torch.randn(m, problem.n_experts, device=device),
+                                       problem.top_k)  # fmt: skip
+
+        def run(launch: MoELaunch) -> torch.Tensor:
+            if fmt == "bf16":
+                return fused_experts(x, weights, ids, w1, w3, w2,  # type: ignore[arg-type]
+                                     config=launch.gate_up, down_config=launch.down)  # fmt: skip
+            return fused_experts(x, weights, ids, w1, w3, w2, launch=launch)  # type: ignore[arg-type]
+
+        base = default_launch(device, fmt, problem.n_experts, problem.top_k, problem.dim,
+                              problem.inter, m)  # fmt: skip
+        expected = run(base)
+        best, best_ms = base, time_call(lambda: run(base), tiny)
+        log.append({"format": fmt, "m": m, "launch": base.to_json(), "ms": best_ms})
+        starts = [base]  # the other strategies that can serve this M, tried as well
+        if fmt != "bf16" and m * problem.top_k > 64 and not tiny:
+            others = ["aligned", "dequant"] + (["scan"] if m * problem.top_k <= 128 else [])
+            starts += [dataclasses.replace(base, strategy=s) for s in others  # type: ignore[misc]
+                       if s != base.strategy]  # fmt: skip
+        for phase in (gate_up_candidates, down_candidates):
+            pool = [c for s in starts for c in phase(fmt, m, s if phase is gate_up_candidates
+                                                                   else best, tiny)]  # fmt: skip
+            if phase is gate_up_candidates:
+                pool += [s for s in starts if s is not base]
+            for candidate in pool:
+                if time.perf_counter() > deadline:
+                    break
+                try:
+                    ms = time_call(lambda c=candidate: run(c), tiny)  # type: ignore[misc]
+                except Exception as error:  # a tile the compiler rejects: skip it, say so
+                    log.append({"format": fmt, "m": m, "launch": candidate.to_json(),
+                                "error": repr(error)[:300]})  # fmt: skip
+                    continue
+                log.append({"format": fmt, "m": m, "launch": candidate.to_json(), "ms": ms})
+                if ms < best_ms:
+                    best, best_ms = candidate, ms
+        error = relative_error(run(best), expected)
+        if error > 1e-2:
+            print(f"  {fmt} M={m}: winner differs from the heuristic by {error:.2e}; kept "
+                  "the heuristic", flush=True)  # fmt: skip
+            best = base
+        table[m] = best
+        print(f"  {fmt} M={m}: {best.strategy} {best_ms:.3f} ms", flush=True)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="CPU interpreter, tiny shapes")
+    parser.add_argument("--formats", default=None, help="comma-separated (default: all)")
+    parser.add_argument("--buckets", default=None, help="comma-separated token counts")
+    parser.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
+    parser.add_argument("--log", type=Path, default=None, help="every measurement, as JSON")
+    parser.add_argument("--budget-s", type=float, default=420.0)
+    args = parser.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.tiny:
+        print("tune_moe: no CUDA device; pass --tiny for the CPU smoke run", file=sys.stderr)
+        return 2
+    import local_backend.kernels  # noqa: F401  (chooses the interpreter off CUDA)
+
+    device = torch.device("cuda" if cuda else "cpu")
+    problem = TINY if args.tiny else REAL
+    formats = tuple(args.formats.split(",")) if args.formats else (
+        ("int4",) if args.tiny else FORMATS)  # fmt: skip
+    buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else (
+        TINY_BUCKETS if args.tiny else BUCKETS)  # fmt: skip
+    deadline = time.perf_counter() + args.budget_s
+    log: list[dict[str, object]] = []
+    name = device_name(device)
+    for fmt in formats:
+        print(f"tuning {fmt} on {name}", flush=True)
+        table = tune_format(problem, fmt, device, buckets, args.tiny, deadline, log)
+        path = args.out_dir / config_file_name(name, fmt, problem.n_experts, problem.top_k,
+                                               problem.dim, problem.inter)  # fmt: skip
+        write_config(path, table)
+        print(f"wrote {path}", flush=True)
+    if args.log is not None:
+        args.log.parent.mkdir(parents=True, exist_ok=True)
+        args.log.write_text(json.dumps({"device": name, "runs": log}, indent=1) + "\n")
+    if time.perf_counter() > deadline:
+        print(f"tune_moe: budget of {args.budget_s:.0f} s reached; later candidates skipped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
