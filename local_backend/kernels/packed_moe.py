@@ -59,63 +59,80 @@ if HAS_TRITON:
         a_base = a_ptr + a_rows[:, None] * stride_am + offs_w[None, :]  # [BLOCK_M, WIDTH]
         w_off = expert * stride_we + offs_n[:, None] * stride_wn + offs_w[None, :]  # [BN, W]
         s_off = expert * stride_se + offs_n
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        acc3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        # GEMV form: the products stay [BLOCK_M, BLOCK_N, WIDTH] and are reduced over WIDTH
+        # once, after the K loop (no cross-lane reduction per field; one per program)
+        if USE_DOT:
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
+        acc3 = acc
         for step in range(s_begin, s_end):
             words = tl.load(w_ptr + w_off + step * stride_ws, mask=n_mask[:, None], other=0)
             if FUSE_GATE_UP:
                 words3 = tl.load(w3_ptr + w_off + step * stride_ws, mask=n_mask[:, None], other=0)
-            part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            part3 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            if USE_DOT:  # (not tl.zeros_like: a nested jit call, dear in the interpreter)
+                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            else:
+                part = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
+            part3 = part
             for i in tl.static_range(32 // BITS):
                 # field i of every word: inputs step*PK + i*WIDTH + [0, WIDTH)
                 x = tl.load(a_base + (step * PK + i * WIDTH), mask=row_mask[:, None], other=0.0)
                 bits = ((words >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
                 w = bits.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)  # [BN, W] codes
-                if USE_DOT:
-                    if DOT_FP32:
-                        part += tl.dot(x.to(tl.float32), tl.trans(w), input_precision="ieee")
-                    else:
-                        part += tl.dot(x, tl.trans(w.to(x.dtype)))
-                else:
-                    x32 = x.to(tl.float32)
-                    part += tl.sum(x32[:, None, :] * w[None, :, :], axis=2)
                 if FUSE_GATE_UP:
                     bits3 = ((words3 >> (BITS * i)) & ((1 << BITS) - 1)) | 0x4B000000
                     w3 = bits3.to(tl.float32, bitcast=True) - (8388608.0 + OFFSET)
-                    if USE_DOT:
-                        if DOT_FP32:
-                            part3 += tl.dot(x.to(tl.float32), tl.trans(w3), input_precision="ieee")
-                        else:
-                            part3 += tl.dot(x, tl.trans(w3.to(x.dtype)))
+                if USE_DOT:
+                    if DOT_FP32:  # the interpreter's bf16 dot is wrong; fp32 activations exact
+                        x32 = x.to(tl.float32)
+                        part += tl.dot(x32, tl.trans(w), input_precision="ieee")
+                        if FUSE_GATE_UP:
+                            part3 += tl.dot(x32, tl.trans(w3), input_precision="ieee")
                     else:
-                        part3 += tl.sum(x.to(tl.float32)[:, None, :] * w3[None, :, :], axis=2)
+                        part += tl.dot(x, tl.trans(w.to(x.dtype)))
+                        if FUSE_GATE_UP:
+                            part3 += tl.dot(x, tl.trans(w3.to(x.dtype)))
+                else:
+                    x3 = x.to(tl.float32)[:, None, :]
+                    part += x3 * w[None, :, :]
+                    if FUSE_GATE_UP:
+                        part3 += x3 * w3[None, :, :]
             if BITS == 4:  # one group per step: scale the step's partial sums
                 scale = tl.load(s_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
-                acc += part * scale.to(tl.float32)[None, :]
-                if FUSE_GATE_UP:
-                    scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
+                scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
+                if USE_DOT:
+                    acc += part * scale.to(tl.float32)[None, :]
                     acc3 += part3 * scale3.to(tl.float32)[None, :]
+                else:
+                    acc += part * scale.to(tl.float32)[None, :, None]
+                    acc3 += part3 * scale3.to(tl.float32)[None, :, None]
             else:  # int8: per-channel scale, once at the end
                 acc += part
                 acc3 += part3
+        if USE_DOT:
+            out = acc
+            out3 = acc3
+        else:
+            out = tl.sum(acc, axis=2)
+            out3 = tl.sum(acc3, axis=2)
         if BITS == 8:
-            acc = acc * tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+            out = out * tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if FUSE_GATE_UP:
                 scale3 = tl.load(s3_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)
-                acc3 = acc3 * scale3[None, :]
+                out3 = out3 * scale3[None, :]
         if FUSE_GATE_UP:
-            acc = acc * tl.sigmoid(acc) * acc3  # silu(gate) * up, in fp32
+            out = out * tl.sigmoid(out) * out3  # silu(gate) * up, in fp32
         if MUL_ROUTED_WEIGHT:
             routed = tl.load(topk_w_ptr + pair_rows, mask=row_mask, other=0.0)
-            acc = acc * routed.to(tl.float32)[:, None]
+            out = out * routed.to(tl.float32)[:, None]
         c_rows = (pair_rows // C_ROWS_DIV).to(tl.int64)
         c_ptrs = c_ptr + c_rows[:, None] * stride_cm + offs_n[None, :]
         c_mask = row_mask[:, None] & n_mask[None, :]
         if ATOMIC:
-            tl.atomic_add(c_ptrs, acc, mask=c_mask)
+            tl.atomic_add(c_ptrs, out, mask=c_mask)
         else:
-            tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+            tl.store(c_ptrs, out.to(c_ptr.dtype.element_ty), mask=c_mask)
 
     @_triton.jit
     def _packed_moe_kernel(
@@ -139,7 +156,12 @@ if HAS_TRITON:
             ids = tl.load(ids_ptr + offs_p, mask=offs_p < num_pairs, other=-1)
             mine = (ids == expert).to(tl.int32)
             count = tl.sum(mine, axis=0)
-            rank = tl.cumsum(mine, axis=0) - 1  # position of each of my pairs among them
+            if count == 0:  # an expert no token chose: nothing to read
+                return
+            # rank of each of my pairs among them: a [P, P] count (tl.cumsum's scan costs the
+            # interpreter a re-patch per call; P <= 128, so the square is cheap either way)
+            before = (offs_p[None, :] < offs_p[:, None]) & (mine[None, :] == 1)
+            rank = tl.sum(before.to(tl.int32), axis=1)
             offs_m = tl.arange(0, BLOCK_M)
             for first in range(0, count, BLOCK_M):  # usually one pass; zero for idle experts
                 pick = (mine[None, :] == 1) & (rank[None, :] == (first + offs_m)[:, None])

@@ -20,8 +20,10 @@ from .helpers import BF16, FP32, assert_near, requires_triton
 E, DIM, INTER, TOP_K = 8, 128, 256, 2
 
 
-def packed_experts_of(fmt: str, dtype: torch.dtype = torch.float32) -> list[PackedWeight]:
-    shapes = ((E, INTER, DIM), (E, INTER, DIM), (E, DIM, INTER))
+def packed_experts_of(
+    fmt: str, dtype: torch.dtype = torch.float32, inter: int = INTER
+) -> list[PackedWeight]:
+    shapes = ((E, inter, DIM), (E, inter, DIM), (E, DIM, inter))
     out = []
     for shape in shapes:
         q = quantize((torch.randn(shape) * shape[-1] ** -0.5).to(dtype), fmt)
