@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -38,10 +39,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 
 from local_backend.kernels import reference  # noqa: E402
-from local_backend.kernels.fused_moe import MoEGemmConfig, fused_experts  # noqa: E402
+from local_backend.kernels.fused_moe import fused_experts  # noqa: E402
 from local_backend.kernels.moe_configs import (  # noqa: E402
     CONFIG_DIR,
     MoELaunch,
+    Strategy,
     config_file_name,
     default_launch,
     device_name,
@@ -146,51 +148,71 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30))
 
 
-def tune_format(problem: Problem, fmt: str, device: torch.device, buckets: tuple[int, ...],
-                tiny: bool, deadline: float, log: list[dict[str, object]]) -> dict[int, MoELaunch]:  # fmt: skip
-    w1, w3, w2 = build_weights(problem, fmt, device)
-    dtype = torch.float32 if tiny else torch.bfloat16
-    table: dict[int, MoELaunch] = {}
-    for m in buckets:
-        x = torch.randn(m, problem.dim, device=device, dtype=dtype)
-        weights, ids = reference.route(torch.randn(m, problem.n_experts, device=device),
-                                       problem.top_k)  # fmt: skip
+@dataclasses.dataclass
+class Sweep:
+    """One format's sweep: the weights, where it runs, and the log of every measurement."""
+
+    problem: Problem
+    fmt: str
+    device: torch.device
+    tiny: bool
+    deadline: float
+    log: list[dict[str, object]]
+    weights: list[object] = dataclasses.field(default_factory=list)
+
+    def runner(self, m: int) -> Callable[[MoELaunch], torch.Tensor]:
+        """The layer at M = m tokens (fixed random input and routing) under a given launch."""
+        p = self.problem
+        dtype = torch.float32 if self.tiny else torch.bfloat16
+        x = torch.randn(m, p.dim, device=self.device, dtype=dtype)
+        logits = torch.randn(m, p.n_experts, device=self.device)
+        topk_weights, ids = reference.route(logits, p.top_k)
+        w1, w3, w2 = self.weights
 
         def run(launch: MoELaunch) -> torch.Tensor:
-            if fmt == "bf16":
-                return fused_experts(x, weights, ids, w1, w3, w2,  # type: ignore[arg-type]
+            if self.fmt == "bf16":
+                return fused_experts(x, topk_weights, ids, w1, w3, w2,  # type: ignore[arg-type]
                                      config=launch.gate_up, down_config=launch.down)  # fmt: skip
-            return fused_experts(x, weights, ids, w1, w3, w2, launch=launch)  # type: ignore[arg-type]
+            return fused_experts(x, topk_weights, ids, w1, w3, w2,  # type: ignore[arg-type]
+                                 launch=launch)  # fmt: skip
 
-        base = default_launch(device, fmt, problem.n_experts, problem.top_k, problem.dim,
-                              problem.inter, m)  # fmt: skip
+        return run
+
+    def record(self, m: int, launch: MoELaunch, **result: object) -> None:
+        self.log.append({"format": self.fmt, "m": m, "launch": launch.to_json(), **result})
+
+    def bucket(self, m: int) -> tuple[MoELaunch, float]:
+        """The fastest launch found for M = m, and its time in ms."""
+        p, fmt, tiny = self.problem, self.fmt, self.tiny
+        run = self.runner(m)
+        base = default_launch(self.device, fmt, p.n_experts, p.top_k, p.dim, p.inter, m)
         begin = time.perf_counter()
         expected = run(base)  # the reference output; the interpreter's timing too (one call)
         best, best_ms = base, (time.perf_counter() - begin) * 1e3
         if not tiny:
             best_ms = time_call(lambda: run(base), tiny)
-        log.append({"format": fmt, "m": m, "launch": base.to_json(), "ms": best_ms})
+        self.record(m, base, ms=best_ms)
         starts = [base]  # the other strategies that can serve this M, tried as well
-        if fmt != "bf16" and m * problem.top_k > 64 and not tiny:
-            others = ["aligned", "dequant"] + (["scan"] if m * problem.top_k <= 128 else [])
-            starts += [dataclasses.replace(base, strategy=s) for s in others  # type: ignore[misc]
+        if fmt != "bf16" and m * p.top_k > 64 and not tiny:
+            others: list[Strategy] = ["aligned", "dequant"]
+            others += ["scan"] if m * p.top_k <= 128 else []
+            starts += [dataclasses.replace(base, strategy=s) for s in others
                        if s != base.strategy]  # fmt: skip
         # (tiny: the gate/up phase only, the interpreter's cost is per program and per op)
         for phase in (gate_up_candidates,) if tiny else (gate_up_candidates, down_candidates):
-            pool = [c for s in starts for c in phase(fmt, m, s if phase is gate_up_candidates
-                                                                   else best, tiny)]  # fmt: skip
             if phase is gate_up_candidates:
-                pool += [s for s in starts if s is not base]
+                pool = [c for s in starts for c in phase(fmt, m, s, tiny)] + starts[1:]
+            else:
+                pool = list(phase(fmt, m, best, tiny))
             for candidate in pool:
-                if time.perf_counter() > deadline:
+                if time.perf_counter() > self.deadline:
                     break
                 try:
-                    ms = time_call(lambda c=candidate: run(c), tiny)  # type: ignore[misc]
-                except Exception as error:  # a tile the compiler rejects: skip it, say so
-                    log.append({"format": fmt, "m": m, "launch": candidate.to_json(),
-                                "error": repr(error)[:300]})  # fmt: skip
+                    ms = time_call(functools.partial(run, candidate), tiny)
+                except Exception as failure:  # a tile the compiler rejects: skip it, say so
+                    self.record(m, candidate, error=repr(failure)[:300])
                     continue
-                log.append({"format": fmt, "m": m, "launch": candidate.to_json(), "ms": ms})
+                self.record(m, candidate, ms=ms)
                 if ms < best_ms:
                     best, best_ms = candidate, ms
         error = 0.0 if best is base else relative_error(run(best), expected)
@@ -198,8 +220,16 @@ def tune_format(problem: Problem, fmt: str, device: torch.device, buckets: tuple
             print(f"  {fmt} M={m}: winner differs from the heuristic by {error:.2e}; kept "
                   "the heuristic", flush=True)  # fmt: skip
             best = base
-        table[m] = best
-        print(f"  {fmt} M={m}: {best.strategy} {best_ms:.3f} ms", flush=True)
+        return best, best_ms
+
+
+def tune_format(sweep: Sweep, buckets: tuple[int, ...]) -> dict[int, MoELaunch]:
+    sweep.weights = build_weights(sweep.problem, sweep.fmt, sweep.device)
+    table: dict[int, MoELaunch] = {}
+    for m in buckets:
+        table[m], ms = sweep.bucket(m)
+        print(f"  {sweep.fmt} M={m}: {table[m].strategy} {ms:.3f} ms", flush=True)
+    sweep.weights = []
     return table
 
 
@@ -229,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     name = device_name(device)
     for fmt in formats:
         print(f"tuning {fmt} on {name}", flush=True)
-        table = tune_format(problem, fmt, device, buckets, args.tiny, deadline, log)
+        sweep = Sweep(problem, fmt, device, args.tiny, deadline, log)
+        table = tune_format(sweep, buckets)
         path = args.out_dir / config_file_name(name, fmt, problem.n_experts, problem.top_k,
                                                problem.dim, problem.inter)  # fmt: skip
         write_config(path, table)

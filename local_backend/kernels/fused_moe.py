@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .packed import PackedWeight
 from .quant import (
     FMT_FLOAT,
     FMT_INT4,
@@ -29,7 +30,6 @@ from .quant import (
     finish_channel_scale,
     weight_tile_ptrs,
 )
-from .packed import PackedWeight
 from .reference import ExpertWeight, route
 from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
 from .runtime import triton as _triton

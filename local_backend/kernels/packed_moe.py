@@ -275,6 +275,7 @@ def _launch_packed(
         blocks = cdiv(sorted_ids.numel(), config.block_m)
     use_dot = config.block_m >= 16 and width >= 16 and config.block_n >= 16
     w3 = weight3 if weight3 is not None else weight
+    block_p = max(64, _pow2(num_pairs))  # one compile serves every M <= 32 (top-2)
     grid = (cdiv(n, config.block_n) * split, blocks)
     _packed_moe_kernel[grid](
         a, weight.codes, w3.codes, weight.scales, w3.scales, out,
@@ -284,7 +285,7 @@ def _launch_packed(
         a.stride(0), weight.codes.stride(0), weight.codes.stride(1), weight.codes.stride(2),
         weight.scales.stride(0), weight.scales.stride(1) if weight.format == "int4" else 0,
         out.stride(0),
-        ROUTE=ROUTE_SCAN if routing is None else ROUTE_ALIGNED, BLOCK_P=max(64, _pow2(num_pairs)),  # one compile for every M <= 32
+        ROUTE=ROUTE_SCAN if routing is None else ROUTE_ALIGNED, BLOCK_P=block_p,
         A_ROWS_DIV=a_rows_div, C_ROWS_DIV=c_rows_div, FUSE_GATE_UP=weight3 is not None,
         MUL_ROUTED_WEIGHT=topk_weights is not None, ATOMIC=atomic,
         BITS=BITS[weight.format], OFFSET=OFFSET[weight.format], PK=weight.pack_k, WIDTH=width,

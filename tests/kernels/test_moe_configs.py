@@ -27,7 +27,7 @@ from local_backend.kernels.moe_configs import (
 )
 
 from .helpers import FP32, assert_near, requires_triton
-from .test_packed_moe import DIM, E, TOP_K, packed_experts_of
+from .test_packed_moe import DIM, TOP_K, E, packed_experts_of
 
 INTER = 128  # the tuner's --tiny problem: dim 128, inter 128
 
