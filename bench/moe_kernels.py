@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from kernels_common import OUT, QUICK, Device, detect_device, time_ms, write_sec
 
 from local_backend.config import ModelConfig
 from local_backend.kernels import forwards
+from local_backend.kernels.moe_configs import config_dirs
 from local_backend.kernels.quant import QuantizedWeight, quantize
 from local_backend.model import MoE
 
@@ -45,6 +47,13 @@ class Shapes:
 REAL = Shapes(6144, 16384)
 TINY = Shapes(128, 256, tokens=(1, 8))
 GRAPH_MAX_TOKENS = 64  # decode batch sizes: the engine replays these from CUDA graphs
+TIME_BUDGET_MS = {"each": 2000.0}  # --budget-ms: wall time spent on one measurement
+
+
+def timed(fn: Callable[[], object]) -> float:
+    return time_ms(fn, budget_ms=TIME_BUDGET_MS["each"])
+
+
 FORMATS = ("bf16", "int8", "int4")
 
 
@@ -132,8 +141,8 @@ def time_three(
         assert hf is not None
         return hf(x)
 
-    hf_ms = time_ms(transformers_block) if hf is not None else None
-    return time_ms(fused), time_ms(torch_backend), hf_ms
+    hf_ms = timed(transformers_block) if hf is not None else None
+    return timed(fused), timed(torch_backend), hf_ms
 
 
 def graph_ms(moe: MoE, x: torch.Tensor) -> float | None:
@@ -149,7 +158,7 @@ def graph_ms(moe: MoE, x: torch.Tensor) -> float | None:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         forwards.moe_triton(moe, x)
-    return time_ms(graph.replay)
+    return timed(graph.replay)
 
 
 def bench_moe(shapes: Shapes, device: torch.device) -> list[MoERow]:
@@ -219,6 +228,13 @@ def main() -> int:
     parser.add_argument("--no-layer", action="store_true", help="the MoE layer only")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of moe_kernels.json")
     parser.add_argument("--tokens", default=None, help="comma-separated M (default: all)")
+    parser.add_argument("--budget-ms", type=float, default=2000.0, help="per measurement")
+    parser.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="also read MoE launch configs from this folder (tuned elsewhere)",
+    )
     args = parser.parse_args()
     device = detect_device()
     cuda = torch.cuda.is_available()
@@ -236,7 +252,9 @@ def main() -> int:
         shapes = dataclasses.replace(shapes, tokens=tuple(int(m) for m in args.tokens.split(",")))
     QUICK["on"] = args.tiny
     torch_device = torch.device("cuda" if cuda else "cpu")
-    moe_rows = bench_moe(shapes, torch_device)
+    TIME_BUDGET_MS["each"] = args.budget_ms
+    with config_dirs(*([args.configs] if args.configs else [])):
+        moe_rows = bench_moe(shapes, torch_device)
     layer_rows: list[LayerResult] = (
         [] if args.no_layer else [bench_decoder_layer(f, torch_device, args.tiny) for f in FORMATS]
     )
