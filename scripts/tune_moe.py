@@ -103,7 +103,11 @@ def gate_up_candidates(fmt: str, m: int, base: MoELaunch, tiny: bool) -> Iterato
     if fmt == "bf16":
         tiles = [(g.block_m, 64, 64, 4), (g.block_m, 128, 64, 4), (g.block_m, 128, 64, 8)]
     elif base.strategy == "scan":  # (tiny: the last only, the interpreter's cost is per program)
-        tiles = [(g.block_m, 32, 128, 4), (g.block_m, 64, 128, 8), (g.block_m, 128, 128, 4)]
+        tiles = [
+            (g.block_m, max(16, g.block_n // 2), 128, 4),
+            (g.block_m, min(256, g.block_n * 2), 128, 4),
+            (16, 64, 128, 4) if g.block_m != 16 else (16, 128, 128, 8),  # GEMV <-> tl.dot
+        ]
     else:
         tiles = [(64, 128, 128, 4), (128, 128, 128, 8), (32, 64, 128, 4)]
     for block_m, block_n, block_k, warps in tiles[-1:] if tiny else tiles:
@@ -119,8 +123,11 @@ def down_candidates(fmt: str, m: int, base: MoELaunch, tiny: bool) -> Iterator[M
         return
     if fmt == "bf16":
         tiles = [(64, 64, 1), (64, 128, 1), (32, 64, 4)]
-    elif base.strategy == "scan":
-        tiles = [(32, 128, 2), (64, 128, 1), (64, 128, 4), (64, 128, 8), (128, 128, 2)]
+    elif base.strategy == "scan":  # around the heuristic's N tile and split
+        n0, s0 = d.block_n, d.split_k
+        options = [(n0, max(1, s0 // 2)), (n0, min(16, 2 * s0)), (max(16, n0 // 2), s0),
+                   (min(256, 2 * n0), s0), (n0, 1)]  # fmt: skip
+        tiles = [(n, 128, split) for n, split in dict.fromkeys(options) if (n, split) != (n0, s0)]
     else:
         tiles = [(64, 128, 1), (128, 128, 1), (32, 128, 1)]
     for block_n, block_k, split in tiles[-1:] if tiny else tiles:

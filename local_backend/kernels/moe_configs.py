@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import math
 import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -139,11 +138,14 @@ def default_launch(
     pairs = m * top_k
     rows = pairs / max(1, min(n_experts, pairs))  # rows per hit expert, on average
     if pairs <= 64:
-        # one row per expert at M = 1 (the GEMV form), tl.dot from 16 rows per expert
-        block_m = min(16, next_power_of_2(math.ceil(rows)))
-        block_n = 64
-        # the down projection (N = dim) alone leaves SMs idle at M = 1: split K until
-        # hit experts x N tiles x splits covers two waves
+        # The dot-free GEMV up to 4 tokens: an expert then has at most M rows, so BLOCK_M = M
+        # rows take them in one pass (each weight byte read once), and BLOCK_N keeps each
+        # [rows, BLOCK_N, field] fp32 product tensor near 2048 values (16 registers a thread
+        # at 4 warps; four of them live). From 8 tokens, tl.dot on 16-row blocks: padding
+        # rows costs the tensor cores little, the GEMV's registers would spill.
+        block_m = 16 if m > 4 else next_power_of_2(m)
+        field = 128 // (8 if fmt == "int4" else 4)  # words a row reads per 128-input step
+        block_n = 64 if block_m == 16 else max(16, min(128, 2048 // (block_m * field)))
         if device.type != "cuda":  # the interpreter: its cost is per program and per op
             block_m, block_n = 16, 128
         programs = min(n_experts, pairs) * cdiv(dim, block_n)

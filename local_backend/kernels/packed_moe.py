@@ -100,22 +100,28 @@ if HAS_TRITON:
                         part3 += x3 * w3[None, :, :]
             if BITS == 4:  # one group per step: scale the step's partial sums
                 scale = tl.load(s_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
-                scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
                 if USE_DOT:
                     acc += part * scale.to(tl.float32)[None, :]
-                    acc3 += part3 * scale3.to(tl.float32)[None, :]
                 else:
                     acc += part * scale.to(tl.float32)[None, :, None]
-                    acc3 += part3 * scale3.to(tl.float32)[None, :, None]
+                if FUSE_GATE_UP:
+                    scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
+                    if USE_DOT:
+                        acc3 += part3 * scale3.to(tl.float32)[None, :]
+                    else:
+                        acc3 += part3 * scale3.to(tl.float32)[None, :, None]
             else:  # int8: per-channel scale, once at the end
                 acc += part
-                acc3 += part3
+                if FUSE_GATE_UP:
+                    acc3 += part3
         if USE_DOT:
             out = acc
             out3 = acc3
         else:
             out = tl.sum(acc, axis=2)
-            out3 = tl.sum(acc3, axis=2)
+            out3 = out
+            if FUSE_GATE_UP:
+                out3 = tl.sum(acc3, axis=2)
         if BITS == 8:
             out = out * tl.load(s_ptr + s_off, mask=n_mask, other=0.0).to(tl.float32)[None, :]
             if FUSE_GATE_UP:

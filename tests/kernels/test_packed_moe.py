@@ -114,7 +114,8 @@ def test_heuristic_strategy_by_tokens() -> None:
     one = pick(cuda, "int4", 1)
     assert one.strategy == "scan" and one.gate_up.block_m == 1  # the GEMV form at M = 1
     assert one.down.split_k > 1  # N = 6144 alone leaves SMs idle at M = 1
-    assert pick(cuda, "int8", 16).gate_up.block_m == 4  # 32 pairs over 8 experts
+    assert pick(cuda, "int4", 4).gate_up.block_m == 4  # at most 4 rows per expert: one pass
+    assert pick(cuda, "int8", 16).gate_up.block_m == 16  # tl.dot from 8 tokens
     assert pick(cuda, "int8", 32).strategy == "scan"
     assert pick(cuda, "int8", 64).strategy == "aligned"
     assert pick(cuda, "int4", 4096).strategy == "dequant"
