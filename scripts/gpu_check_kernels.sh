@@ -4,7 +4,7 @@
 #
 #   scripts/gpu_check_kernels.sh                       # every default step, on a CUDA GPU
 #   scripts/gpu_check_kernels.sh --steps env,tests,tune
-#   scripts/gpu_check_kernels.sh --steps bench         # a second call: reads $OUT/configs
+#   scripts/gpu_check_kernels.sh --steps bench         # a second call (see Time below)
 #   scripts/gpu_check_kernels.sh --tiny                # CPU interpreter, tiny shapes (minutes)
 #
 # Steps (DEFAULT_STEPS; add one by defining step_<name> and listing it there):
@@ -20,12 +20,13 @@
 #   summary  (always last) each step's exit status       -> steps.json
 #
 # Time (GPU defaults, seconds; each overridable by the environment variable named):
-#   tests TESTS_TIMEOUT=200, tune TUNE_BUDGET_S=240 inside TUNE_TIMEOUT=300,
+#   tests TESTS_TIMEOUT=200, tune TUNE_BUDGET_S=240 inside TUNE_TIMEOUT=330,
 #   bench BENCH_TIMEOUT=240 (BENCH_ARGS="--no-layer --budget-ms 400").
-# One command on the lent machine may run 600 s: run "--steps env,tests,tune" (<= ~8.5 min)
-# and "--steps bench" (<= 4 min) as two calls; the bench reads the configs from $OUT/configs
-# only if the machine is still warm, so copy them into local_backend/kernels/configs first
-# when it is not. A step that fails or times out is recorded and the next one still runs.
+# One command on the lent machine may run 600 s: run "--steps env,tests,tune" (<= ~9 min)
+# and "--steps bench" (<= 4 min) as two calls, and between them copy the first call's
+# $OUT/configs/*.json into local_backend/kernels/configs/ of the working tree (each call starts
+# with an empty $OUT; the bench reads the packaged configs and those in $OUT/configs).
+# A step that fails or times out is recorded and the next one still runs.
 set -u -o pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -102,7 +103,7 @@ step_tune() {
     run tune "${TUNE_TIMEOUT:-300}" "$PYTHON" scripts/tune_moe.py --tiny \
       --out-dir "$OUT/configs" --log "$OUT/tune_log.json"
   else
-    run tune "${TUNE_TIMEOUT:-300}" "$PYTHON" scripts/tune_moe.py \
+    run tune "${TUNE_TIMEOUT:-330}" "$PYTHON" scripts/tune_moe.py \
       --budget-s "${TUNE_BUDGET_S:-240}" --out-dir local_backend/kernels/configs \
       --log "$OUT/tune_log.json"
     local rc=$?

@@ -10,15 +10,18 @@ local_backend/kernels/configs/device=<name>,format=<fmt>,E=..,top_k=..,dim=..,in
 (moe_configs.py reads it; nearest bucket wins). The winner of each bucket is checked against
 the heuristic launch's output (relative Frobenius difference < 1e-2) before it is kept.
 
-Search: coordinate descent, not the full product: the gate/up GEMM's tiles are swept with the
-heuristic's down GEMM, then the down GEMM's tiles (and split-K) with the best gate/up. Per
-packed format: 6 decode buckets x (3 gate/up + 5 down) + 64 tokens x 8 + 512 and 4096 x (dequant
-+ 3 gate/up + 3 down) = 48 + 8 + 14 = 70 candidates; bf16: 9 buckets x (3 + 3) = 54. About 194
-candidates in all, each ~1.5 s (a triton compile the first time a tile is seen, then 2 warm-up
-and at most 20 timed calls capped at 0.25 s) = ~290 s, plus ~40 s to build and quantize the
-weights: ~5.5 minutes. `--budget-s` (default 420) is a hard stop: past it, the remaining
-candidates are skipped and each bucket keeps the best launch measured so far (the heuristic
-is always measured first), so one sweep always fits in the 8 minutes a GPU run allows.
+Search: coordinate descent, not the full product: the gate/up GEMM's tiles (and the strategy)
+are swept with the heuristic's down GEMM, then the down GEMM's tiles and split-K with the best
+gate/up; the heuristic is always measured first. Candidates per packed format: 6 decode
+buckets x (1 + 3 gate/up + 5 down) = 54, M = 64: 1 + 8 + ~4 = 13, M = 512 and 4096: 8 each,
+so 83; bf16: 9 x (1 + 3 + 3) = 63; 229 in all. Each costs ~2 s on a GPU (a triton compile of
+~1-2 s the first time its tiles are seen, then 2 untimed and 3-20 timed calls capped at
+0.25 s), ~460 s in all: more than a sweep may take. So `--budget-s` (default 300) is shared:
+each of the 27 (format, M) cells gets an equal share of the time left when it starts (~11 s,
+the heuristic and its ~4-6 most promising neighbours; time a cell leaves unused passes on),
+later candidates are logged as skipped. Wall time: the budget, plus ~40 s to build and
+quantize the weights of the three formats, plus one candidate's overrun per cell at worst
+(~2 s, the reference run and the winner's check): 300 + 40 + 27 x 2 ~= 400 s < 8 minutes.
 """
 
 from __future__ import annotations
@@ -156,6 +159,21 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @dataclasses.dataclass
+class Budget:
+    """The sweep's time, shared fairly: each (format, M) cell gets an equal share of what is
+    left when it starts (time a cell does not use passes to the later ones)."""
+
+    end: float  # time.perf_counter() at which the whole sweep must stop
+    cells_left: int
+
+    def next_deadline(self) -> float:
+        now = time.perf_counter()
+        share = max(0.0, self.end - now) / max(1, self.cells_left)
+        self.cells_left -= 1
+        return now + share
+
+
+@dataclasses.dataclass
 class Sweep:
     """One format's sweep: the weights, where it runs, and the log of every measurement."""
 
@@ -163,7 +181,7 @@ class Sweep:
     fmt: str
     device: torch.device
     tiny: bool
-    deadline: float
+    budget: Budget
     log: list[dict[str, object]]
     weights: list[object] = dataclasses.field(default_factory=list)
 
@@ -191,6 +209,7 @@ class Sweep:
     def bucket(self, m: int) -> tuple[MoELaunch, float]:
         """The fastest launch found for M = m, and its time in ms."""
         p, fmt, tiny = self.problem, self.fmt, self.tiny
+        deadline = self.budget.next_deadline()
         run = self.runner(m)
         base = default_launch(self.device, fmt, p.n_experts, p.top_k, p.dim, p.inter, m)
         begin = time.perf_counter()
@@ -212,8 +231,9 @@ class Sweep:
             else:
                 pool = list(phase(fmt, m, best, tiny))
             for candidate in pool:
-                if time.perf_counter() > self.deadline:
-                    break
+                if time.perf_counter() > deadline:
+                    self.record(m, candidate, skipped="time budget")
+                    continue
                 try:
                     ms = time_call(functools.partial(run, candidate), tiny)
                 except Exception as failure:  # a tile the compiler rejects: skip it, say so
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--buckets", default=None, help="comma-separated token counts")
     parser.add_argument("--out-dir", type=Path, default=CONFIG_DIR)
     parser.add_argument("--log", type=Path, default=None, help="every measurement, as JSON")
-    parser.add_argument("--budget-s", type=float, default=420.0)
+    parser.add_argument("--budget-s", type=float, default=300.0, help="sweep time, all cells")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -261,12 +281,12 @@ def main(argv: list[str] | None = None) -> int:
         ("int4",) if args.tiny else FORMATS)  # fmt: skip
     buckets = tuple(int(b) for b in args.buckets.split(",")) if args.buckets else (
         TINY_BUCKETS if args.tiny else BUCKETS)  # fmt: skip
-    deadline = time.perf_counter() + args.budget_s
+    budget = Budget(time.perf_counter() + args.budget_s, len(formats) * len(buckets))
     log: list[dict[str, object]] = []
     name = device_name(device)
     for fmt in formats:
         print(f"tuning {fmt} on {name}", flush=True)
-        sweep = Sweep(problem, fmt, device, args.tiny, deadline, log)
+        sweep = Sweep(problem, fmt, device, args.tiny, budget, log)
         table = tune_format(sweep, buckets)
         path = args.out_dir / config_file_name(name, fmt, problem.n_experts, problem.top_k,
                                                problem.dim, problem.inter)  # fmt: skip
@@ -275,8 +295,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.log is not None:
         args.log.parent.mkdir(parents=True, exist_ok=True)
         args.log.write_text(json.dumps({"device": name, "runs": log}, indent=1) + "\n")
-    if time.perf_counter() > deadline:
-        print(f"tune_moe: budget of {args.budget_s:.0f} s reached; later candidates skipped")
+    skipped = sum(1 for entry in log if "skipped" in entry)
+    if skipped:
+        print(f"tune_moe: {skipped} candidates skipped to stay within {args.budget_s:.0f} s")
     return 0
 
 

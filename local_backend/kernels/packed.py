@@ -95,14 +95,22 @@ class PackedWeight:
 
 
 def _signed_codes(q: QuantizedWeight) -> torch.Tensor:
-    """int64 [..., N, K] signed codes of a QuantizedWeight."""
+    """int32 [N, K] signed codes of a single-matrix QuantizedWeight."""
     if q.format == "int4":
-        return unpack_int4(q.qweight).to(torch.int64)
-    return q.qweight.to(torch.int64)
+        return unpack_int4(q.qweight).to(torch.int32)
+    return q.qweight.to(torch.int32)
+
+
+def _expert(q: QuantizedWeight, index: int) -> QuantizedWeight:
+    return QuantizedWeight(q.format, q.qweight[index], q.scales[index], q.group_size, q.in_features)
 
 
 def repack(q: QuantizedWeight, pack_k: int | None = None) -> PackedWeight:
-    """The packed layout of `q` (a pure function: `q` is not modified)."""
+    """The packed layout of `q` (a pure function: `q` is not modified).
+
+    A stacked [E, ...] weight is repacked one matrix at a time in int32, so temporaries stay
+    a few times one expert's codes (at load, beside a nearly full device), never the stack's.
+    """
     k = q.in_features
     step = pack_k or pack_k_for(q.format, k, q.group_size)
     per_word = values_per_word(q.format)
@@ -110,16 +118,31 @@ def repack(q: QuantizedWeight, pack_k: int | None = None) -> PackedWeight:
         raise ValueError(f"pack step {step} must divide K = {k} into whole 32-bit words")
     if q.format == "int4" and step != q.group_size:
         raise ValueError(f"int4 steps are the quantization group ({q.group_size}), not {step}")
+    if q.qweight.dim() > 2:
+        parts = [repack(_expert(q, i), step) for i in range(q.qweight.shape[0])]
+        return PackedWeight(
+            q.format,
+            torch.stack([p.codes for p in parts]),
+            torch.stack([p.scales for p in parts]),
+            q.group_size,
+            step,
+            k,
+        )
     width = step // per_word  # words per row per step
     bits = BITS[q.format]
-    stored = _signed_codes(q) + OFFSET[q.format]  # [..., N, K], unsigned field values
-    fields = stored.unflatten(-1, (k // step, per_word, width))  # [..., N, S, V, W]
-    shifts = torch.arange(per_word, device=stored.device, dtype=torch.int64) * bits
-    words = (fields << shifts[:, None]).sum(dim=-2)  # [..., N, S, W], in [0, 2^32)
-    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
-    codes = words.transpose(-3, -2).contiguous()  # [..., S, N, W]
+    stored = _signed_codes(q) + OFFSET[q.format]  # [N, K], unsigned field values
+    fields = stored.unflatten(-1, (k // step, per_word, width))  # [N, S, V, W]
+    words = torch.zeros(fields.shape[:-2] + (width,), dtype=torch.int32, device=stored.device)
+    for i in range(per_word - 1):  # the low fields: their sum stays below 2^(32 - bits)
+        words += fields[..., i, :] << (bits * i)
+    # the top field carries the sign bit: add it as a signed multiple of 2^(32 - bits), which
+    # is the two's-complement word without ever overflowing int32
+    top = fields[..., per_word - 1, :]
+    top = top - (top >= 1 << (bits - 1)).to(torch.int32) * (1 << bits)
+    words += top * (1 << (bits * (per_word - 1)))
+    codes = words.transpose(0, 1).contiguous()  # [S, N, W]
     if q.format == "int4":
-        scales = q.scales.transpose(-2, -1).contiguous()  # [..., N, G] -> [..., G, N]
+        scales = q.scales.transpose(-2, -1).contiguous()  # [N, G] -> [G, N]
     else:
         scales = q.scales.contiguous()
     return PackedWeight(q.format, codes, scales, q.group_size, step, k)
