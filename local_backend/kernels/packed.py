@@ -132,7 +132,7 @@ def repack(q: QuantizedWeight, pack_k: int | None = None) -> PackedWeight:
     bits = BITS[q.format]
     stored = _signed_codes(q) + OFFSET[q.format]  # [N, K], unsigned field values
     fields = stored.unflatten(-1, (k // step, per_word, width))  # [N, S, V, W]
-    words = torch.zeros(fields.shape[:-2] + (width,), dtype=torch.int32, device=stored.device)
+    words = torch.zeros((*fields.shape[:-2], width), dtype=torch.int32, device=stored.device)
     for i in range(per_word - 1):  # the low fields: their sum stays below 2^(32 - bits)
         words += fields[..., i, :] << (bits * i)
     # the top field carries the sign bit: add it as a signed multiple of 2^(32 - bits), which
