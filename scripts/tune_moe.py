@@ -14,14 +14,15 @@ Search: coordinate descent, not the full product: the gate/up GEMM's tiles (and 
 are swept with the heuristic's down GEMM, then the down GEMM's tiles and split-K with the best
 gate/up; the heuristic is always measured first. Candidates per packed format: 6 decode
 buckets x (1 + 3 gate/up + 5 down) = 54, M = 64: 1 + 8 + ~4 = 13, M = 512 and 4096: 8 each,
-so 83; bf16: 9 x (1 + 3 + 3) = 63; 229 in all. Each costs ~2 s on a GPU (a triton compile of
-~1-2 s the first time its tiles are seen, then 2 untimed and 3-20 timed calls capped at
-0.25 s), ~460 s in all: more than a sweep may take. So `--budget-s` (default 300) is shared:
-each of the 27 (format, M) cells gets an equal share of the time left when it starts (~11 s,
-the heuristic and its ~4-6 most promising neighbours; time a cell leaves unused passes on),
+so 83; bf16: 9 x (1 + 3 + 3) + 3 (dense per-expert matmuls from 64 tokens) = 66; ~230 in
+all. Each costs ~2 s on a GPU (a triton compile of ~1-2 s the first time its tiles are seen,
+then 2 untimed and 3-20 timed calls capped at 0.25 s): ~460 s, more than a sweep may take.
+So `--budget-s` (default 300; gpu_check_kernels.sh passes 240) is shared: each of the 27
+(format, M) cells gets an equal share of the time left when it starts (~9-11 s: the
+heuristic and its ~4-5 most promising neighbours; time a cell leaves unused passes on), and
 later candidates are logged as skipped. Wall time: the budget, plus ~40 s to build and
-quantize the weights of the three formats, plus one candidate's overrun per cell at worst
-(~2 s, the reference run and the winner's check): 300 + 40 + 27 x 2 ~= 400 s < 8 minutes.
+quantize the weights of the three formats, plus at worst one candidate's overrun per cell
+(~2 s, with the reference run and the winner's check): 300 + 40 + 27 x 2 ~= 400 s < 8 min.
 """
 
 from __future__ import annotations
@@ -195,9 +196,6 @@ class Sweep:
         w1, w3, w2 = self.weights
 
         def run(launch: MoELaunch) -> torch.Tensor:
-            if self.fmt == "bf16":
-                return fused_experts(x, topk_weights, ids, w1, w3, w2,  # type: ignore[arg-type]
-                                     config=launch.gate_up, down_config=launch.down)  # fmt: skip
             return fused_experts(x, topk_weights, ids, w1, w3, w2,  # type: ignore[arg-type]
                                  launch=launch)  # fmt: skip
 
@@ -219,9 +217,9 @@ class Sweep:
             best_ms = time_call(lambda: run(base), tiny)
         self.record(m, base, ms=best_ms)
         starts = [base]  # the other strategies that can serve this M, tried as well
-        if fmt != "bf16" and m * p.top_k > 64 and not tiny:
+        if m * p.top_k > 64 and not tiny:
             others: list[Strategy] = ["aligned", "dequant"]
-            others += ["scan"] if m * p.top_k <= 128 else []
+            others += ["scan"] if m * p.top_k <= 128 and fmt != "bf16" else []
             starts += [dataclasses.replace(base, strategy=s) for s in others
                        if s != base.strategy]  # fmt: skip
         # (tiny: the gate/up phase only, the interpreter's cost is per program and per op)

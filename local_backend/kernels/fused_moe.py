@@ -290,11 +290,16 @@ def fused_experts(
         assert isinstance(w3, PackedWeight) and isinstance(w2, PackedWeight)
         return packed_moe.packed_experts(x, topk_weights, topk_ids, w1, w3, w2, launch)
     check_device(x)
-    if config is None and isinstance(w1, torch.Tensor):
-        tuned = moe_configs.tuned_launch(x.device, "bf16", int(w1.shape[0]), topk_ids.shape[1],
-                                         x.shape[1], int(w1.shape[1]), x.shape[0])  # fmt: skip
-        if tuned is not None:
-            config, down_config = tuned.gate_up, down_config or tuned.down
+    if config is None and launch is None and isinstance(w1, torch.Tensor):
+        launch = moe_configs.tuned_launch(x.device, "bf16", int(w1.shape[0]), topk_ids.shape[1],
+                                          x.shape[1], int(w1.shape[1]), x.shape[0])  # fmt: skip
+    if launch is not None:
+        if launch.strategy == "dequant" and isinstance(w1, torch.Tensor):
+            if not packed_moe.capturing(x):  # bf16 "dequant": per-expert cuBLAS, as stored
+                assert isinstance(w3, torch.Tensor) and isinstance(w2, torch.Tensor)
+                return packed_moe.dense_experts(x, topk_weights, topk_ids, w1, w3, w2)
+        else:
+            config, down_config = config or launch.gate_up, down_config or launch.down
     n_tokens, dim = x.shape
     top_k = topk_ids.shape[1]
     w1_codes, _, fmt, _, inter = _weight_parts(w1)

@@ -148,20 +148,28 @@ def _grouped(
     return out.to(x.dtype)
 
 
-def _dequantized(
+def dense_experts(
     x: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
-    w1: PackedWeight,
-    w3: PackedWeight,
-    w2: PackedWeight,
+    w1: PackedWeight | torch.Tensor,
+    w3: PackedWeight | torch.Tensor,
+    w2: PackedWeight | torch.Tensor,
 ) -> torch.Tensor:
-    """The dequant strategy: per hit expert, dense weights in x's dtype, then plain matmuls
-    (one host sync for the per-expert counts: prefill only, never inside a CUDA graph)."""
+    """The dequant strategy: per hit expert, its dense weights in x's dtype (packed: dequantized
+    once, by the streaming kernel; bf16: as stored), then plain matmuls (cuBLAS). One host sync
+    for the per-expert counts: prefill only, never inside a CUDA graph."""
+
+    def dense(weight: PackedWeight | torch.Tensor, expert: int) -> torch.Tensor:
+        if isinstance(weight, PackedWeight):
+            return dequantize_expert(weight, expert, x.dtype)
+        return weight[expert].to(x.dtype)
+
     top_k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=int(w1.codes.shape[0])).tolist()
+    n_experts = int(w1.codes.shape[0] if isinstance(w1, PackedWeight) else w1.shape[0])
+    counts = torch.bincount(flat, minlength=n_experts).tolist()
     weights = topk_weights.to(torch.float32).reshape(-1)
     out = torch.zeros(x.shape, device=x.device, dtype=torch.float32)
     start = 0
@@ -172,11 +180,16 @@ def _dequantized(
         start += count
         tokens = pair_rows // top_k
         xe = x[tokens]  # [m_e, K]
-        gate = F.linear(xe, dequantize_expert(w1, expert, x.dtype))
-        up = F.linear(xe, dequantize_expert(w3, expert, x.dtype))
-        down = F.linear(F.silu(gate) * up, dequantize_expert(w2, expert, x.dtype))
+        gate = F.linear(xe, dense(w1, expert))
+        up = F.linear(xe, dense(w3, expert))
+        down = F.linear(F.silu(gate) * up, dense(w2, expert))
         out.index_add_(0, tokens, down.float() * weights[pair_rows, None])
     return out.to(x.dtype)
+
+
+def capturing(x: torch.Tensor) -> bool:
+    """Inside a CUDA graph capture (where the dequant strategy's host sync is not allowed)."""
+    return x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def packed_experts(
@@ -201,9 +214,8 @@ def packed_experts(
                                dim, w1.out_features, n_tokens)  # fmt: skip
     if launch.strategy == "scan" and topk_ids.numel() > 1024:
         launch = replace(launch, strategy="aligned")
-    capturing = x.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if launch.strategy == "dequant" and not capturing:
-        return _dequantized(x, topk_weights, topk_ids, w1, w3, w2)
+    if launch.strategy == "dequant" and not capturing(x):
+        return dense_experts(x, topk_weights, topk_ids, w1, w3, w2)
     if launch.strategy == "dequant":
         launch = replace(launch, strategy="aligned")
     return _grouped(x, topk_weights, topk_ids, w1, w3, w2, launch)

@@ -122,3 +122,14 @@ def test_heuristic_strategy_by_tokens() -> None:
     assert pick(cpu, "int4", 4096).strategy == "aligned"  # dequant syncs; CUDA only
     assert pick(cpu, "int4", 1).gate_up.block_m == 16  # the interpreter: fewest programs
     assert pick(cpu, "bf16", 1).strategy == "aligned"  # fused_moe's kernel and tiles
+
+
+@requires_triton
+def test_bf16_experts_dense_strategy() -> None:
+    """bf16 experts under a `dequant` launch (tuned for large M): per-expert dense matmuls."""
+    shapes = ((E, INTER, DIM), (E, INTER, DIM), (E, DIM, INTER))
+    w1, w3, w2 = (torch.randn(shape) * shape[-1] ** -0.5 for shape in shapes)
+    x = torch.randn(7, DIM)
+    weights, ids = reference.route(torch.randn(7, E), TOP_K)
+    out = fused_experts(x, weights, ids, w1, w3, w2, launch=MoELaunch("dequant"))
+    assert_near(out, reference.moe_experts(x, weights, ids, w1, w3, w2), FP32)
