@@ -35,8 +35,8 @@ if HAS_TRITON:
         a_base = a_ptr + a_rows[:, None] * stride_am + offs_w[None, :]  # [BLOCK_M, WIDTH]
         w_off = expert * stride_we + offs_n[:, None] * stride_wn + offs_w[None, :]  # [BN, W]
         s_off = expert * stride_se + offs_n
-        # GEMV form: the products stay [BLOCK_M, BLOCK_N, WIDTH] and are reduced over WIDTH
-        # once, after the K loop (no cross-lane reduction per field; one per program)
+        # GEMV form (no tensor cores): the products stay [BLOCK_M, BLOCK_N, WIDTH] and are
+        # reduced over WIDTH once, after the K loop (no cross-lane reduction per field)
         if USE_DOT:
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         else:
@@ -51,8 +51,6 @@ if HAS_TRITON:
             else:
                 part = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
             part3 = part
-            # fields 0 .. IN_PLACE-1 are decoded where they sit (no shift), the rest from the
-            # word shifted once by IN_PLACE fields (see _decode_field)
             # Decoding a field: mask it where it sits, OR in the exponent of 2^23 (the field
             # then lies in the fp32 mantissa, exact while BITS*(j+1) <= 23) and subtract
             # 2^23 + OFFSET*2^(BITS*j): code * 2^(BITS*j) in two integer and one float op, no
