@@ -22,17 +22,13 @@ from typing import TYPE_CHECKING
 import torch
 
 from .packed import PackedWeight
-from .quant import (
-    FMT_FLOAT,
-    FMT_INT4,
-    QuantizedWeight,
-    accumulate_weight_tile,
-    finish_channel_scale,
-    weight_tile_ptrs,
-)
+from .quant import FMT_FLOAT, FMT_INT4, QuantizedWeight
 from .reference import ExpertWeight, route
 from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
 from .runtime import triton as _triton
+
+if HAS_TRITON:  # the tile helpers exist only where triton does
+    from .quant import accumulate_weight_tile, finish_channel_scale, weight_tile_ptrs
 
 if TYPE_CHECKING:
     from .moe_configs import MoELaunch

@@ -28,10 +28,10 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
+from . import packed_kernels  # its kernels exist only where triton does
 from .fused_moe import MoEGemmConfig, moe_align_block_size
 from .moe_configs import MoELaunch, select_launch
 from .packed import BITS, OFFSET, PackedWeight, values_per_word
-from .packed_kernels import dequant_packed_kernel, packed_moe_kernel
 from .runtime import cdiv, check_device, interpreting, launch_options
 from .runtime import next_power_of_2 as _pow2
 
@@ -52,7 +52,7 @@ def dequantize_expert(
     n = one.out_features
     out = torch.empty(n, one.in_features, device=one.codes.device, dtype=dtype)
     block_n = 64
-    dequant_packed_kernel[(cdiv(n, block_n), one.n_steps)](
+    packed_kernels.dequant_packed_kernel[(cdiv(n, block_n), one.n_steps)](
         one.codes, one.scales, out, n, one.codes.stride(0), one.codes.stride(1),
         one.scales.stride(0) if one.format == "int4" else 0, out.stride(0),
         BITS=BITS[one.format], OFFSET=OFFSET[one.format], PK=one.pack_k,
@@ -102,7 +102,7 @@ def _launch_packed(
     w3 = weight3 if weight3 is not None else weight
     block_p = max(64, _pow2(num_pairs))  # one compile serves every M <= 32 (top-2)
     grid = (cdiv(n, config.block_n) * split, blocks)
-    packed_moe_kernel[grid](
+    packed_kernels.packed_moe_kernel[grid](
         a, weight.codes, w3.codes, weight.scales, w3.scales, out,
         topk_weights if topk_weights is not None else out,
         ids, sorted_ids, expert_ids, num_padded,
