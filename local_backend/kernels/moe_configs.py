@@ -65,7 +65,12 @@ def device_name(device: torch.device) -> str:
     """The CUDA device's name as it appears in config file names ("cpu" off CUDA)."""
     if device.type != "cuda":
         return "cpu"
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name(device)).strip("_")
+    return _cuda_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_name(index: int) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", torch.cuda.get_device_name(index)).strip("_")
 
 
 def config_file_name(
@@ -79,12 +84,17 @@ def config_dirs(*dirs: Path) -> Iterator[None]:
     """Look up configs in `dirs` (before the packaged ones) inside the block: tests, tuning."""
     saved = list(_dirs)
     _dirs[:0] = [Path(d) for d in dirs]
-    _load.cache_clear()
+    _clear_caches()
     try:
         yield
     finally:
         _dirs[:] = saved
-        _load.cache_clear()
+        _clear_caches()
+
+
+def _clear_caches() -> None:
+    _load.cache_clear()
+    select_launch.cache_clear()
 
 
 @functools.cache
@@ -102,7 +112,7 @@ def write_config(path: Path, table: dict[int, MoELaunch]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {str(m): table[m].to_json() for m in sorted(table)}
     path.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    _load.cache_clear()
+    _clear_caches()
 
 
 def tuned_launch(
@@ -161,6 +171,7 @@ def default_launch(
     return MoELaunch("dequant")
 
 
+@functools.lru_cache(maxsize=4096)  # called per layer per step: a dict lookup after the first
 def select_launch(
     device: torch.device, fmt: str, n_experts: int, top_k: int, dim: int, inter: int, m: int
 ) -> MoELaunch:
