@@ -46,11 +46,15 @@ if HAS_TRITON:
             words = tl.load(w_ptr + w_off + step * stride_ws, mask=n_mask[:, None], other=0)
             if FUSE_GATE_UP:
                 words3 = tl.load(w3_ptr + w_off + step * stride_ws, mask=n_mask[:, None], other=0)
-            if USE_DOT:  # (not tl.zeros_like: a nested jit call, dear in the interpreter)
-                part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            else:
+            if BITS == 4:  # one group per step: its scales, one contiguous [BLOCK_N] run
+                scale = tl.load(s_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
+                scale = scale.to(tl.float32)
+                if FUSE_GATE_UP:
+                    scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
+                    scale3 = scale3.to(tl.float32)
+            if not USE_DOT:  # GEMV: the step's products, scaled once per step (int4)
                 part = tl.zeros((BLOCK_M, BLOCK_N, WIDTH), dtype=tl.float32)
-            part3 = part
+                part3 = part
             # Decoding a field: mask it where it sits, OR in the exponent of 2^23 (the field
             # then lies in the fp32 mantissa, exact while BITS*(j+1) <= 23) and subtract
             # 2^23 + OFFSET*2^(BITS*j): code * 2^(BITS*j) in two integer and one float op, no
@@ -80,36 +84,36 @@ if HAS_TRITON:
                     w3 = ((src3 & field_mask) | 0x4B000000).to(tl.float32, bitcast=True) - bias
                 xs = x.to(tl.float32) * (1.0 / (1 << (BITS * j)))  # [BLOCK_M, W]
                 if USE_DOT:
+                    # tensor cores: the group scale goes into the weights (one multiply per
+                    # weight, amortised over the block's rows), the dot accumulates into acc
+                    # directly, so no per-step partial tile occupies registers
+                    if BITS == 4:
+                        w = w * scale[:, None]
+                        if FUSE_GATE_UP:
+                            w3 = w3 * scale3[:, None]
                     if DOT_FP32:  # the interpreter's bf16 dot is wrong; fp32 activations exact
-                        part += tl.dot(xs, tl.trans(w), input_precision="ieee")
+                        acc = tl.dot(xs, tl.trans(w), acc, input_precision="ieee")
                         if FUSE_GATE_UP:
-                            part3 += tl.dot(xs, tl.trans(w3), input_precision="ieee")
-                    else:  # codes * 2^(BITS*j) and xs are exact in bf16
+                            acc3 = tl.dot(xs, tl.trans(w3), acc3, input_precision="ieee")
+                    else:  # bf16 operands: xs exact, the weight rounded as torch's dequant does
                         xb = xs.to(x.dtype)
-                        part += tl.dot(xb, tl.trans(w.to(x.dtype)))
+                        acc = tl.dot(xb, tl.trans(w.to(x.dtype)), acc)
                         if FUSE_GATE_UP:
-                            part3 += tl.dot(xb, tl.trans(w3.to(x.dtype)))
+                            acc3 = tl.dot(xb, tl.trans(w3.to(x.dtype)), acc3)
                 else:
                     x3 = xs[:, None, :]
                     part += x3 * w[None, :, :]
                     if FUSE_GATE_UP:
                         part3 += x3 * w3[None, :, :]
-            if BITS == 4:  # one group per step: scale the step's partial sums
-                scale = tl.load(s_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
-                if USE_DOT:
-                    acc += part * scale.to(tl.float32)[None, :]
-                else:
-                    acc += part * scale.to(tl.float32)[None, :, None]
-                if FUSE_GATE_UP:
-                    scale3 = tl.load(s3_ptr + s_off + step * stride_ss, mask=n_mask, other=0.0)
-                    if USE_DOT:
-                        acc3 += part3 * scale3.to(tl.float32)[None, :]
-                    else:
-                        acc3 += part3 * scale3.to(tl.float32)[None, :, None]
-            else:  # int8: per-channel scale, once at the end
-                acc += part
-                if FUSE_GATE_UP:
-                    acc3 += part3
+            if not USE_DOT:
+                if BITS == 4:
+                    acc += part * scale[None, :, None]
+                    if FUSE_GATE_UP:
+                        acc3 += part3 * scale3[None, :, None]
+                else:  # int8: per-channel scale, once at the end
+                    acc += part
+                    if FUSE_GATE_UP:
+                        acc3 += part3
         if USE_DOT:
             out = acc
             out3 = acc3
