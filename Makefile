@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-local-minimal lint typecheck pytest browser bench bench-overhead bench-local bench-kernels redis clean
+.PHONY: serve test test-local-minimal lint typecheck pytest browser bench bench-overhead bench-local bench-kernels tune-kernels gpu-check redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +65,14 @@ bench-local: $(VENV)/.dev-installed
 
 bench-kernels: $(VENV)/.dev-installed
 	$(BIN)/python bench/moe_kernels.py
+
+# on a CUDA GPU: sweep the MoE launch configs into local_backend/kernels/configs/
+tune-kernels: $(VENV)/.dev-installed
+	$(BIN)/python scripts/tune_moe.py
+
+# the GPU checks (gpu tests, sweep, bench) with timeouts, logs and JSON in $(OUT) (./gpu_out)
+gpu-check: $(VENV)/.dev-installed
+	PYTHON=$(BIN)/python bash scripts/gpu_check_kernels.sh $(ARGS)
 
 bench: bench-overhead bench-local bench-kernels
 

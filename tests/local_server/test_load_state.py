@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from local_backend.load_progress import LoadProgress, LoadState
 from local_backend.loader import load_service
-from local_backend.server import create_app
 from local_backend.model import load_model
+from local_backend.server import create_app
 
 from .cli import free_port, output, serve_cli
 from .conftest import wait_for
