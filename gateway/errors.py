@@ -8,7 +8,10 @@
     ├── PayloadTooLarge         413   request body over the configured limit
     ├── RateLimited             429   a capacity-limited route or the gateway itself is full
     ├── NoEligibleRoute         503   every route was filtered out; `skipped` says why, per route
+    ├── NoMatchingRoute         404   the request's own preferences (provider.only, max_price,
+    │                                 require_parameters, ...) exclude every route; `skipped`
     ├── AllRoutesFailed         502   every attempt on every candidate failed; `attempts` trail
+    ├── DeadlineExceeded        504   the request's deadline passed before a route answered
     └── StreamInterrupted       502   the upstream failed after the answer started streaming:
                                       sent as the stream's last event (no [DONE] follows)
 
@@ -39,10 +42,12 @@ __all__ = [
     "AllRoutesFailed",
     "AuthenticationFailed",
     "ContextLengthExceeded",
+    "DeadlineExceeded",
     "GatewayError",
     "InvalidRequest",
     "ModelNotFound",
     "NoEligibleRoute",
+    "NoMatchingRoute",
     "PayloadTooLarge",
     "RateLimited",
     "StreamInterrupted",
@@ -139,6 +144,14 @@ class NoEligibleRoute(GatewayError):
         return body
 
 
+class NoMatchingRoute(NoEligibleRoute):
+    """OpenRouter's 404 "no endpoints found": the client's preferences rule out every route."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "no_matching_route"
+
+
 class AllRoutesFailed(GatewayError):
     status = 502
     type = "upstream_error"
@@ -152,6 +165,12 @@ class AllRoutesFailed(GatewayError):
         body = super().body()
         body["error"]["attempts"] = self.attempts
         return body
+
+
+class DeadlineExceeded(AllRoutesFailed):
+    status = 504
+    type = "upstream_error"
+    code = "deadline_exceeded"
 
 
 class StreamInterrupted(GatewayError):

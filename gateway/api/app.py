@@ -136,9 +136,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)
-        dispatcher = Dispatcher(
-            settings, catalog, stats, Accountant(prices, stats, tokens), providers, metrics=metrics
-        )
+        accountant = Accountant(prices, stats, tokens, settings.usage_count_max_chars)
+        dispatcher = Dispatcher(settings, catalog, stats, accountant, providers, metrics=metrics)
         app.state.metrics = metrics
         app.state.gw = GatewayState(
             settings=settings,

@@ -27,12 +27,13 @@ to then is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.accounting import Settled, client_usage, output_text, reported_counts
+from gateway.accounting import ServedText, Settled, client_usage, output_text, reported_counts
 from gateway.dispatch.context import (
     AttemptRunner,
     OpenedStream,
@@ -68,8 +69,10 @@ class StreamGuard:
         self._seg = opened
         self._seg_open = True
         self._seg_usage: dict[str, Any] | None = None
-        self._seg_text: dict[int, list[str]] = {}
-        self._text: dict[int, list[str]] = {}  # everything served, per choice
+        # what this segment served, as much as counting needs (a sample and its length)
+        self._seg_text = ServedText(dispatcher.accountant.max_count_chars)
+        self._text: dict[int, list[str]] = {}  # everything served, per choice (to continue)
+        self._keep_text = self.continuable()
         self._choices: set[int] = set()  # every choice index the client has seen
         self._finished: set[int] = set()
         self._settled: list[Settled] = []
@@ -155,11 +158,12 @@ class StreamGuard:
                 holder, key = where
                 if self._segments and self._stops:
                     holder[key] = self._cut_at_stop(index, holder[key], choice)
-                self._seg_text.setdefault(index, []).append(holder[key])
-                self._text.setdefault(index, []).append(holder[key])
+                self._seg_text.add(holder[key])
+                if self._keep_text:
+                    self._text.setdefault(index, []).append(holder[key])
             delta = choice.get("delta")
             if isinstance(delta, dict) and delta.get("tool_calls"):
-                self._seg_text.setdefault(index, []).append(output_text([delta]))
+                self._seg_text.add(output_text([delta]))
             if choice.get("finish_reason"):
                 self._finished.add(index)
         return b"data: " + _dumps(chunk) + b"\n\n"
@@ -202,12 +206,15 @@ class StreamGuard:
         self._seg_open = False
         seg = self._seg
         await quietly_close(seg.stream)
-        text = "".join("".join(parts) for parts in self._seg_text.values())
-        self._seg_text = {}
+        text, self._seg_text = self._seg_text, ServedText(self._d.accountant.max_count_chars)
         acct = self._d.accountant
-        prompt, completion, counted = acct.counts(
-            seg.route, seg.model, self._seg_usage, seg.body, self._ctx.endpoint, text
-        )
+        args = (seg.route, seg.model, self._seg_usage, seg.body, self._ctx.endpoint, text)
+        interrupted: asyncio.CancelledError | None = None
+        try:
+            prompt, completion, counted = await acct.acounts(*args)
+        except asyncio.CancelledError as exc:  # usage is never dropped: count here, capped
+            interrupted = exc
+            prompt, completion, counted = acct.counts(*args)
         self._d.record_attempt(
             seg.route,
             self._ctx,
@@ -231,6 +238,8 @@ class StreamGuard:
                 after=self._ctx.after_response if error is None else None,
             )
         )
+        if interrupted is not None:
+            raise interrupted
 
     async def aclose(self) -> None:
         """Always called once the response is over: a hang-up closes the upstream call."""
