@@ -8,7 +8,7 @@ served. Without a tokenizer available the count falls back to the router's byte 
 (4 bytes per token).
 Counting is bounded (`acounts`): the completion's first `max_count_chars` characters are
 tokenized and the rest extrapolated by length (`ServedText` keeps only that sample, however
-long the stream), and anything but a short text is counted in a worker thread, so a 60 MB
+long the stream), and the counting runs in a worker thread, so a 60 MB
 answer never stalls the event loop. Counted usage is flagged `"estimated": true` for the client.
 Cost is always ours: the route's effective prices (PriceBook, overrides included) times the
 counts, in USD; an upstream's own figure stays in `usage.cost_details.upstream_inference_cost`.
@@ -30,7 +30,6 @@ from gateway.routing.prompt import BYTES_PER_TOKEN_ESTIMATE, PromptText
 from gateway.stats.base import StatsStore, Usage
 
 log = logging.getLogger(__name__)
-INLINE_COUNT_CHARS = 16 * 1024  # below this, tokenizing takes well under a millisecond
 DEFAULT_MAX_COUNT_CHARS = 256 * 1024
 
 
@@ -128,6 +127,10 @@ class ServedText:
     def sample(self) -> str:
         return "".join(self._parts)
 
+    def total_estimate(self) -> int:
+        """Tokens by length alone (no tokenizer), for a record that cannot wait for one."""
+        return -(-self.total // BYTES_PER_TOKEN_ESTIMATE)
+
 
 @dataclass(frozen=True, slots=True)
 class Settled:
@@ -204,9 +207,8 @@ class Accountant:
         if reported is not None:
             return reported[0], reported[1], False
         sample, total = self._sample(served)
-        prompt_size = PromptText.of(request_body, endpoint).nbytes
-        if prompt_size + len(sample) <= INLINE_COUNT_CHARS:
-            return self._count_both(model, request_body, endpoint, sample, total)
+        # Always a thread (this path is rare: cut streams, silent upstreams): even a short text
+        # may be the process's first count, which loads the tokenizer (~1 s).
         return await asyncio.to_thread(
             self._count_both, model, request_body, endpoint, sample, total
         )

@@ -68,6 +68,7 @@ class StreamGuard:
         self._ctx = ctx
         self._seg = opened
         self._seg_open = True
+        self._seg_recorded = False  # the segment's attempt is written (usage may still wait)
         self._seg_usage: dict[str, Any] | None = None
         # what this segment served, as much as counting needs (a sample and its length)
         self._seg_text = ServedText(dispatcher.accountant.max_count_chars)
@@ -83,6 +84,7 @@ class StreamGuard:
         self._stops: tuple[str, ...] = ()
         self._stopped = False
         self._closed = False
+        self._failed: UpstreamError | None = None  # the error that ended the answer
         self.route = opened.route
         self.attempts = len(ctx.trail) + 1
 
@@ -108,6 +110,14 @@ class StreamGuard:
                 event = self._emit(chunk)
                 if event:
                     yield event
+            if error is not None and not self._answer_complete() and not self.continuable():
+                # The failed attempt is recorded and the client told at once; counting what
+                # was served (it may take a moment) waits for aclose(), after the response.
+                await quietly_close(seg.stream)
+                self._record_segment_attempt(error, self._seg_text.total_estimate())
+                yield self._interrupted(error)
+                self._failed = error
+                return
             await self._end_segment(error)
             if error is None or self._answer_complete():
                 break
@@ -116,20 +126,24 @@ class StreamGuard:
                 yield follow  # the budget was already spent: finish as "length"
                 break
             if follow is None:
-                interrupted = StreamInterrupted(
-                    f"the upstream failed after the answer started ({error.kind}); "
-                    "the answer is incomplete",
-                    attempts=self._ctx.trail,
-                )
-                self._observe_failure(error.kind)
-                yield stream_error_event(interrupted)
+                yield self._interrupted(error)
                 return
             seg = self._seg = follow
             self._seg_open = True
+            self._seg_recorded = False
             self._seg_usage = None
             self._segments += 1
         for event in self._tail():
             yield event
+
+    def _interrupted(self, error: UpstreamError) -> bytes:
+        interrupted = StreamInterrupted(
+            f"the upstream failed after the answer started ({error.kind}); "
+            "the answer is incomplete",
+            attempts=self._ctx.trail,
+        )
+        self._observe_failure(error.kind)
+        return stream_error_event(interrupted)
 
     def _emit(self, chunk: dict[str, Any]) -> bytes | None:
         usage = chunk.pop("usage", None)
@@ -215,15 +229,8 @@ class StreamGuard:
         except asyncio.CancelledError as exc:  # usage is never dropped: count here, capped
             interrupted = exc
             prompt, completion, counted = acct.counts(*args)
-        self._d.record_attempt(
-            seg.route,
-            self._ctx,
-            seg.started,
-            error=error,
-            ttft_s=seg.ttft_s,
-            completion_tokens=completion,
-            cancelled=cancelled,
-        )
+        if not self._seg_recorded:
+            self._record_segment_attempt(error, completion, cancelled=cancelled)
         # A continuation's prompt includes the answer's first part: this record keeps what the
         # upstream really processed; the client's usage (total()) keeps the prompt it sent.
         self._settled.append(
@@ -241,12 +248,27 @@ class StreamGuard:
         if interrupted is not None:
             raise interrupted
 
+    def _record_segment_attempt(
+        self, error: UpstreamError | None, completion: int, *, cancelled: bool = False
+    ) -> None:
+        seg = self._seg
+        self._seg_recorded = True
+        self._d.record_attempt(
+            seg.route,
+            self._ctx,
+            seg.started,
+            error=error,
+            ttft_s=seg.ttft_s,
+            completion_tokens=completion,
+            cancelled=cancelled,
+        )
+
     async def aclose(self) -> None:
         """Always called once the response is over: a hang-up closes the upstream call."""
         if self._closed:
             return
         self._closed = True
-        await self._end_segment(None, cancelled=True)
+        await self._end_segment(self._failed, cancelled=self._failed is None)
 
     # -- continuing on another route ----------------------------------------------------------
 
