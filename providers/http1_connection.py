@@ -59,6 +59,7 @@ class Connection(asyncio.Protocol):
         self.persistent = False
         self.received = False  # any byte of this exchange's response
         self.head_bytes = 0  # bytes fed to the parser before the head was complete
+        self.header_size = 0  # bytes of the headers parsed so far
         self.body_bytes = 0
         self.body: deque[bytes] = deque()
         self.buffered = 0
@@ -80,9 +81,11 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
             self.transport.close()
-        if head and not self.head_done:
-            self.head_bytes += len(data)
-            if self.head_bytes > self.max_header_bytes:
+        if head:
+            # A head still arriving counts every byte fed; a complete one, what it parsed to.
+            size = self.header_size if self.head_done else self.head_bytes + len(data)
+            self.head_bytes = size
+            if size > self.max_header_bytes and self.error is None:
                 self._fail(f"response headers over {self.max_header_bytes} bytes")
         self._wake()
 
@@ -104,6 +107,7 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.header_size += len(name) + len(value) + 4  # ": " and CRLF
         lower = name.lower()
         if lower == b"content-length" or (
             lower == b"transfer-encoding" and b"chunked" in value.lower()
