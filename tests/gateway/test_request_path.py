@@ -79,22 +79,30 @@ def test_an_open_circuit_is_skipped_unless_it_is_the_last_candidate(
     start_gateway: Callable[..., Gateway], upstreams: FakeUpstreams
 ) -> None:
     gateway = start_gateway(retry_attempts_per_route=1)
-    only_openrouter = chat(provider={"only": ["openrouter"]})
-    upstreams["openrouter"].inject(Fault("http_500"), times=5)
-    for _ in range(5):  # failure_threshold = 5 consecutive failures
-        assert post(gateway, only_openrouter)[0].status_code == 502
-    assert health(gateway, OPENROUTER).circuit == "open"
+    for name in ("openrouter", "lepton"):  # open both circuits: 5 consecutive failures each
+        upstreams[name].inject(Fault("http_500"), times=5)
+        for _ in range(5):
+            assert post(gateway, chat(provider={"only": [name]}))[0].status_code == 502
+    assert health(gateway, OPENROUTER).circuit == health(gateway, LEPTON).circuit == "open"
 
-    # openrouter is the cheapest, but its circuit is open: never tried, nobody waits on it.
+    # Healthy routes first; of the two open ones only the very last candidate is tried.
+    upstreams["novita"].inject(Fault("http_500"))
+    upstreams["deepinfra"].inject(Fault("http_500"))
+    response, _ = post(gateway, chat(provider={"sort": "price"}, debug={"attempts": True}))
+    assert response.status_code == 200
+    tried = [a["route"].split("/")[0] for a in response.json()["attempts"]]
+    # openrouter (open, cheaper) is skipped; lepton (open, the last candidate) is tried and,
+    # recovered by now, serves.
+    assert tried == ["novita", "deepinfra", "lepton"]
+    assert len(upstreams["openrouter"].requests) == 5
+
+    # lepton's success closed its circuit: it serves first now; openrouter, the cheapest, is
+    # still open and never contacted.
     response, _ = post(gateway, chat(provider={"sort": "price"}))
     assert response.status_code == 200
-    assert response.headers["x-gateway-attempts"] == "1"
     assert response.headers["x-gateway-provider"] == "lepton"
+    assert response.headers["x-gateway-attempts"] == "1"
     assert len(upstreams["openrouter"].requests) == 5
-    # The only candidate is tried all the same (it may have recovered).
-    response, _ = post(gateway, only_openrouter)
-    assert response.status_code == 200
-    assert response.headers["x-gateway-provider"] == "openrouter"
 
 
 def test_a_half_open_route_gets_one_probe_at_a_time() -> None:
