@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import gzip
 import json
+import zlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -40,8 +40,15 @@ _PIECE = 1 << 20
 
 @functools.cache
 def gzip_bomb(size: int) -> bytes:
-    """`size` bytes of a JSON-looking answer, gzip-compressed (about 1000:1)."""
-    return gzip.compress(b'{"choices": [{"text": "' + b" " * size + b'"}]}', compresslevel=9)
+    """`size` bytes of a JSON-looking answer, gzip-compressed (about 1000:1), built 1 MiB at a
+    time (a 500 MB bomb never exists inflated here)."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    out = [packer.compress(b'{"choices": [{"text": "')]
+    spaces = b" " * _PIECE
+    for start in range(0, size, _PIECE):
+        out.append(packer.compress(spaces[: min(_PIECE, size - start)]))
+    out.append(packer.compress(b'"}]}') + packer.flush())
+    return b"".join(out)
 
 
 async def serve(h: _Handler, body: dict[str, Any], fault: Fault) -> None:
