@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _DONE = b"data: [DONE]\n\n"
 _NOT_CONTINUABLE = ("echo", "logprobs", "suffix")
+_MAX_CONTINUED_CHARS = 1 << 20  # ~256K tokens: beyond any route's context anyway
 
 
 class StreamGuard:
@@ -73,7 +74,10 @@ class StreamGuard:
         # what this segment served, as much as counting needs (a sample and its length)
         self._seg_text = ServedText(dispatcher.accountant.max_count_chars)
         self._text: dict[int, list[str]] = {}  # everything served, per choice (to continue)
+        # The text served so far, kept only while the answer could be continued elsewhere and
+        # is not too long to re-send as a prompt (a hostile upstream must not fill memory).
         self._keep_text = self.continuable()
+        self._kept_chars = 0
         self._choices: set[int] = set()  # every choice index the client has seen
         self._finished: set[int] = set()
         self._settled: list[Settled] = []
@@ -174,7 +178,7 @@ class StreamGuard:
                     holder[key] = self._cut_at_stop(index, holder[key], choice)
                 self._seg_text.add(holder[key])
                 if self._keep_text:
-                    self._text.setdefault(index, []).append(holder[key])
+                    self._keep(index, holder[key])
             delta = choice.get("delta")
             if isinstance(delta, dict) and delta.get("tool_calls"):
                 self._seg_text.add(output_text([delta]))
@@ -280,8 +284,15 @@ class StreamGuard:
             return False
         return not any(body.get(name) for name in _NOT_CONTINUABLE)
 
+    def _keep(self, index: int, text: str) -> None:
+        self._kept_chars += len(text)
+        if self._kept_chars > _MAX_CONTINUED_CHARS:
+            self._keep_text, self._text = False, {}  # too long to continue: stop keeping it
+            return
+        self._text.setdefault(index, []).append(text)
+
     async def _continuation(self) -> OpenedStream | bytes | None:
-        if not self.continuable():
+        if not self._keep_text:
             return None
         failed = {entry["route"] for entry in self._ctx.trail if not entry["ok"]}
         weights = self._seg.route.weights
