@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.hostile import gzip_bomb
 from tests.fakes.server import free_port
 from tests.fakes.upstream import FakeUpstreams, Fault
 from tests.gateway.conftest import MODEL, PROVIDER_KEYS, Gateway
@@ -34,6 +35,19 @@ LIMITS = {
     "upstream_max_sse_line_bytes": 64 * 1024,
 }
 MiB = 1024 * 1024
+
+
+@pytest.fixture(scope="module", autouse=True)
+def tokenizer_loaded() -> None:
+    """The first token count in a process imports and loads the tokenizer (~0.5 s, holding
+    the GIL). Gateway, fakes and client share this process: done here, it is not the client's
+    wait in whichever case counts first (a real client is another process)."""
+    from gateway.accounting import default_counter
+    from gateway.catalog import load_catalog
+    from gateway.settings import DEFAULT_CONFIG
+
+    model = load_catalog(DEFAULT_CONFIG).models[MODEL]
+    default_counter().count_text(model, "warm")
 
 
 @dataclass(frozen=True)
@@ -139,6 +153,8 @@ def test_fault_matrix(
     if case.streams_only and not stream:
         pytest.skip("a fault of streams only")
     routes = ROUTES[:1] if failing == "one_route" else ROUTES
+    if case.fault is not None and case.fault.kind == "gzip_bomb":
+        gzip_bomb(case.fault.size)  # built now (cached), not on the fakes' loop mid-request
     gateway = start(start_gateway, case, routes)
     if case.fault is not None:
         for route in routes:

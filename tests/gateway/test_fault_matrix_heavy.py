@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.fakes.hostile import gzip_bomb
 from tests.fakes.upstream import FakeUpstreams, Fault
 from tests.gateway.conftest import MODEL, Gateway
 
@@ -70,6 +71,8 @@ def test_an_oversized_answer_fails_over_without_a_memory_spike(
     start_gateway: Callable[..., Gateway], upstreams: FakeUpstreams, name: str
 ) -> None:
     fault, stream = HEAVY[name]
+    if fault.kind == "gzip_bomb":
+        gzip_bomb(fault.size)  # built (and cached) now: not on the fakes' loop mid-request
     gateway = start_gateway(request_deadline_s=120.0, timeout_first_token_s=60.0)
     ask(gateway, stream)  # warm
     upstreams.reset()
