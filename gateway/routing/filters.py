@@ -12,9 +12,10 @@ Without require_parameters a route that does not support a parameter stays a can
 the parameter is dropped for it (`RoutePlan.dropped_params`, `RoutePlan.body_for`); limits
 are never dropped silently (three answers where the client asked for n=3 would be wrong).
 
-Every reason but availability is the request's own doing (`ClientExcluded`): when such reasons
-(and routes this deployment does not have) rule out every route, the request can never be
-served as asked, and the router answers OpenRouter's 404 instead of a 503 (router.py).
+Every reason but availability is the request's own doing (`ClientExcluded`; an unavailable
+route the request would rule out anyway counts as such): when such reasons rule out every
+route, the request can never be served as asked, and the router answers OpenRouter's 404
+instead of a 503 (router.py).
 """
 
 from __future__ import annotations
@@ -112,8 +113,21 @@ def skip_reason(e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Ask
         return ClientExcluded("not in provider.only")
     if prefs.order and not prefs.allow_fallbacks and order_index(prefs, route) is None:
         return ClientExcluded("not in provider.order and provider.allow_fallbacks is false")
+    asked_for = _request_reason(e, limits, prefs, asked)
     if e.unavailable is not None:
-        return e.unavailable
+        # Unavailable, but the request would rule it out anyway: that is the reason that counts.
+        return (
+            e.unavailable if asked_for is None else ClientExcluded(f"{asked_for}; {e.unavailable}")
+        )
+    return asked_for
+
+
+def _request_reason(
+    e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Asked
+) -> ClientExcluded | None:
+    """The request's own reason to skip a route it did not name away: limits, parameters,
+    price."""
+    route = e.route
     limit = limit_error(route, limits, asked)
     if limit is not None:
         return ClientExcluded(limit)

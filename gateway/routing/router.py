@@ -28,7 +28,7 @@ ranks exactly as the server routes. `plan`:
 
 A prompt that fits no configured route of any requested model is the client's error
 (ContextLengthExceeded, 400); routes that fit but are all filtered out by the request's own
-preferences or parameters (with routes this deployment lacks) are its mistake too
+preferences or parameters (every one of them, whether configured or not) are its mistake too
 (NoMatchingRoute, 404, as OpenRouter's "no endpoints found"); otherwise ours (NoEligibleRoute,
 503, with `skipped`). Routes without a key or backend are not this deployment's: they do not
 make a prompt "fit" (a 64k hosted route with no key does not excuse an 8k local one).
@@ -324,10 +324,7 @@ class Router:
                 param="messages" if endpoint == "chat" else "prompt",
             )
         if not plan.candidates:
-            reasons = plan.skipped.values()
-            if any(isinstance(r, ClientExcluded) for r in reasons) and all(
-                isinstance(r, ClientExcluded | NotConfigured) for r in reasons
-            ):
+            if plan.skipped and all(isinstance(r, ClientExcluded) for r in plan.skipped.values()):
                 raise NoMatchingRoute(
                     "no route matches the request's provider preferences and parameters",
                     skipped=plan.skipped,
