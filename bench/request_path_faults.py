@@ -29,6 +29,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.doc_section import write_section
+from tests.fakes.hostile import gzip_bomb
 from tests.fakes.upstream import FakeUpstreams, Fault
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "reliability.md"
@@ -194,6 +195,8 @@ def memory_rows(fakes: FakeUpstreams, scale: float) -> list[str]:
             ("one SSE line", Fault("oversized_line", size=int(300 * MiB * scale)), True),
         ]
         for label, fault, stream in cases:
+            if fault.kind == "gzip_bomb":
+                gzip_bomb(fault.size)  # built (cached) now, not inside the timed request
             fakes.reset()
             fakes["openrouter"].inject(fault)
             gateway.reset_peak()
