@@ -28,7 +28,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.doc_section import write_section
+from doc_section import write_section  # (bench/ is the script's path)
+
 from tests.fakes.hostile import gzip_bomb
 from tests.fakes.upstream import FakeUpstreams, Fault
 

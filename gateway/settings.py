@@ -77,7 +77,7 @@ class Settings(BaseSettings):
     max_body_depth: int = Field(64, ge=2, le=200)
     # What an upstream may send (over a limit: the upstream's protocol error, fail over).
     upstream_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a non-stream answer
-    upstream_max_decompressed_bytes: int = Field(32 * 1024 * 1024, ge=1024)  # gzip/deflate
+    upstream_max_decompressed_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # gzip/deflate
     upstream_max_header_bytes: int = Field(64 * 1024, ge=1024)  # status line + headers
     upstream_max_sse_line_bytes: int = Field(1024 * 1024, ge=1024)  # one stream event
     # Usage counted by the gateway (an upstream reported none): the first N characters are

@@ -4,8 +4,9 @@
     data = decoder.decode(piece) ...; data += decoder.flush()
 
 We ask every upstream for `identity`; one that compresses anyway is decoded here, never past
-`limit` decoded bytes: zlib is asked for at most what is left of the limit plus one byte, so a
-0.5 MB gzip bomb costs `limit` bytes of memory and an `UpstreamLimitExceeded`, not 500 MB.
+`limit` decoded bytes: zlib is asked for 1 MiB at a time, at most what is left of the limit plus
+one byte, so a 0.5 MB gzip bomb costs `limit` bytes of memory and an `UpstreamLimitExceeded`,
+not 500 MB.
 Any other encoding (br, zstd, a chain of several) is refused the same way: we did not ask for
 it and decoding it unboundedly is exactly the risk.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import zlib
 
+_STEP = 1 << 20
 _WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
 
 
@@ -35,20 +37,23 @@ class BoundedDecoder:
     def decode(self, data: bytes) -> bytes:
         if self._zlib is None:
             raise UpstreamLimitExceeded(f"unsupported content-encoding {self._encoding[:32]!r}")
-        if not data:
-            return b""
-        try:
-            out = self._zlib.decompress(data, self._room())
-        except zlib.error:
-            if self._encoding != "deflate" or self._out or self._raw_deflate:
-                raise UpstreamLimitExceeded("malformed compressed body") from None
-            self._raw_deflate = True
-            self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
-            return self.decode(data)
-        self._out += len(out)
-        if self._limit is not None and (self._out > self._limit or self._zlib.unconsumed_tail):
-            raise UpstreamLimitExceeded(f"decompressed body over {self._limit} bytes")
-        return out
+        pieces: list[bytes] = []
+        while data:  # 1 MiB of output at a time: a bomb is refused before it is all inflated
+            room = self._room()
+            try:
+                piece = self._zlib.decompress(data, _STEP if room == 0 else min(room, _STEP))
+            except zlib.error:
+                if self._encoding != "deflate" or self._out or self._raw_deflate:
+                    raise UpstreamLimitExceeded("malformed compressed body") from None
+                self._raw_deflate = True
+                self._zlib = zlib.decompressobj(-zlib.MAX_WBITS)
+                return self.decode(data)
+            self._out += len(piece)
+            if self._limit is not None and self._out > self._limit:
+                raise UpstreamLimitExceeded(f"decompressed body over {self._limit} bytes")
+            pieces.append(piece)
+            data = self._zlib.unconsumed_tail
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _room(self) -> int:
         """At most this many bytes from zlib (0: no limit): one past the limit tells it broke."""

@@ -111,7 +111,7 @@ class OpenAICompatProvider:
         max_connections: int = 256,
         transport: Http1Transport | None = None,
         max_body_bytes: int = 16 * 1024 * 1024,
-        max_decompressed_bytes: int = 32 * 1024 * 1024,
+        max_decompressed_bytes: int = 16 * 1024 * 1024,
         max_header_bytes: int = 64 * 1024,
         max_sse_line_bytes: int = 1024 * 1024,
     ):

@@ -85,7 +85,7 @@ def test_an_oversized_answer_fails_over_without_a_memory_spike(
     assert status == 200
     assert headers["x-gateway-provider"] == "lepton"
     assert upstreams["openrouter"].requests and upstreams["lepton"].requests
-    # default limits: 16 MB body, 32 MB decoded, 64 KB head, 1 MB event
+    # default limits: 16 MB body, 16 MB decoded, 64 KB head, 1 MB event
     assert growth < 120, f"peak RSS grew {growth:.0f} MB"
 
 
