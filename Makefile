@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-local-minimal lint typecheck pytest browser bench bench-overhead bench-local bench-kernels tune-kernels gpu-check redis clean
+.PHONY: serve test test-local-minimal test-faults lint typecheck pytest browser bench bench-request-path bench-overhead bench-local bench-kernels tune-kernels gpu-check redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -56,6 +56,15 @@ pytest: $(VENV)/.dev-installed redis browser
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest test-local-minimal
+
+# The fault matrix at the issue's sizes (200 MB bodies, 500 MB gzip bombs, 300 MB SSE lines):
+# kept out of `make test` (tests/gateway/test_fault_matrix.py runs the same faults, smaller).
+test-faults: $(VENV)/.dev-installed redis
+	$(BIN)/pytest -q tests/gateway/test_fault_matrix.py
+	$(BIN)/pytest -q -m faults_heavy tests/gateway/test_fault_matrix_heavy.py
+
+bench-request-path: $(VENV)/.dev-installed
+	$(BIN)/python bench/request_path_faults.py --big
 
 bench-overhead: $(VENV)/.dev-installed
 	$(BIN)/python bench/overhead.py

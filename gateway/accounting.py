@@ -6,12 +6,17 @@ short, a provider that ignores include_usage) the gateway counts: the prompt wit
 own tokenizer (`gateway.routing.tokens`) and the completion from the text it actually
 served. Without a tokenizer available the count falls back to the router's byte estimate
 (4 bytes per token).
+Counting is bounded (`acounts`): the completion's first `max_count_chars` characters are
+tokenized and the rest extrapolated by length (`ServedText` keeps only that sample, however
+long the stream), and the counting runs in a worker thread, so a 60 MB
+answer never stalls the event loop. Counted usage is flagged `"estimated": true` for the client.
 Cost is always ours: the route's effective prices (PriceBook, overrides included) times the
 counts, in USD; an upstream's own figure stays in `usage.cost_details.upstream_inference_cost`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Callable, Iterable
@@ -25,6 +30,7 @@ from gateway.routing.prompt import BYTES_PER_TOKEN_ESTIMATE, PromptText
 from gateway.stats.base import StatsStore, Usage
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_COUNT_CHARS = 256 * 1024
 
 
 class TokenCounter(Protocol):
@@ -98,6 +104,34 @@ def body_output_text(body: dict[str, Any]) -> str:
     return output_text(pieces)
 
 
+class ServedText:
+    """The text a response served, as much as counting needs: the first `cap` characters and
+    the total length (a stream can be far longer than anything worth keeping)."""
+
+    __slots__ = ("_cap", "_kept", "_parts", "total")
+
+    def __init__(self, cap: int = DEFAULT_MAX_COUNT_CHARS):
+        self._cap = cap
+        self._parts: list[str] = []
+        self._kept = 0
+        self.total = 0  # characters served
+
+    def add(self, text: str) -> None:
+        self.total += len(text)
+        if self._kept < self._cap:
+            piece = text[: self._cap - self._kept]
+            self._parts.append(piece)
+            self._kept += len(piece)
+
+    @property
+    def sample(self) -> str:
+        return "".join(self._parts)
+
+    def total_estimate(self) -> int:
+        """Tokens by length alone (no tokenizer), for a record that cannot wait for one."""
+        return -(-self.total // BYTES_PER_TOKEN_ESTIMATE)
+
+
 @dataclass(frozen=True, slots=True)
 class Settled:
     prompt_tokens: int
@@ -109,10 +143,17 @@ class Settled:
 class Accountant:
     """Prices a served response and records it: one `record_usage` per settle()."""
 
-    def __init__(self, prices: PriceBook, stats: StatsStore, counter: TokenCounter):
+    def __init__(
+        self,
+        prices: PriceBook,
+        stats: StatsStore,
+        counter: TokenCounter,
+        max_count_chars: int = DEFAULT_MAX_COUNT_CHARS,
+    ):
         self._prices = prices
         self._stats = stats
         self.counter = counter
+        self.max_count_chars = max_count_chars
 
     def cost(self, route: Route, prompt_tokens: int, completion_tokens: int) -> float:
         input_price, output_price = self._prices.effective(route)
@@ -125,14 +166,58 @@ class Accountant:
         usage: Any,
         request_body: dict[str, Any],
         endpoint: str,
-        served_text: str,
+        served: str | ServedText,
     ) -> tuple[int, int, bool]:
+        """(prompt, completion, counted): the upstream's usage, else counted here, capped."""
         reported = reported_counts(usage)
         if reported is not None:
             return reported[0], reported[1], False
-        prompt = self.counter.count(model, request_body, endpoint)
-        completion = self.counter.count_text(model, served_text) if served_text else 0
-        return prompt, completion, True
+        sample, total = self._sample(served)
+        return self._count_both(model, request_body, endpoint, sample, total)
+
+    def _sample(self, served: str | ServedText) -> tuple[str, int]:
+        if isinstance(served, str):
+            return served[: self.max_count_chars], len(served)
+        return served.sample, served.total
+
+    def count_text(self, model: Model, sample: str, total_chars: int) -> int:
+        """Tokens of a text of `total_chars` characters that starts with `sample`: the first
+        `max_count_chars` of it counted, the rest extrapolated at the same ratio."""
+        if total_chars <= 0:
+            return 0
+        sample = sample[: self.max_count_chars]
+        if not sample:
+            return -(-total_chars // BYTES_PER_TOKEN_ESTIMATE)
+        tokens = self.counter.count_text(model, sample)
+        if total_chars <= len(sample):
+            return tokens
+        return -(-tokens * total_chars // len(sample))
+
+    async def acounts(
+        self,
+        route: Route,
+        model: Model,
+        usage: Any,
+        request_body: dict[str, Any],
+        endpoint: str,
+        served: str | ServedText,
+    ) -> tuple[int, int, bool]:
+        """counts(), bounded and off the event loop unless the texts are short."""
+        reported = reported_counts(usage)
+        if reported is not None:
+            return reported[0], reported[1], False
+        sample, total = self._sample(served)
+        # Always a thread (this path is rare: cut streams, silent upstreams): even a short text
+        # may be the process's first count, which loads the tokenizer (~1 s).
+        return await asyncio.to_thread(
+            self._count_both, model, request_body, endpoint, sample, total
+        )
+
+    def _count_both(
+        self, model: Model, body: dict[str, Any], endpoint: str, sample: str, total: int
+    ) -> tuple[int, int, bool]:
+        prompt = self.counter.count(model, body, endpoint)
+        return prompt, self.count_text(model, sample, total), True
 
     def settle(
         self,
@@ -169,4 +254,6 @@ def client_usage(upstream: Any, settled: Settled) -> dict[str, Any]:
     usage["completion_tokens"] = settled.completion_tokens
     usage["total_tokens"] = settled.prompt_tokens + settled.completion_tokens
     usage["cost"] = round(settled.cost, 12)
+    if settled.counted:
+        usage["estimated"] = True  # the upstream reported none: the gateway counted
     return usage

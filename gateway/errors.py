@@ -9,7 +9,10 @@
     ├── RateLimited             429   a client's own limit or budget (quotas.py), or
     │   └── UpstreamsRateLimited  429 every attempt on every route ended in an upstream 429
     ├── NoEligibleRoute         503   every route was filtered out; `skipped` says why, per route
+    ├── NoMatchingRoute         404   the request's own preferences (provider.only, max_price,
+    │                                 require_parameters, ...) exclude every route; `skipped`
     ├── AllRoutesFailed         502   every attempt on every candidate failed; `attempts` trail
+    ├── DeadlineExceeded        504   the request's deadline passed before a route answered
     └── StreamInterrupted       502   the upstream failed after the answer started streaming:
                                       sent as the stream's last event (no [DONE] follows)
 
@@ -41,10 +44,12 @@ __all__ = [
     "AllRoutesFailed",
     "AuthenticationFailed",
     "ContextLengthExceeded",
+    "DeadlineExceeded",
     "GatewayError",
     "InvalidRequest",
     "ModelNotFound",
     "NoEligibleRoute",
+    "NoMatchingRoute",
     "PayloadTooLarge",
     "RateLimited",
     "StreamInterrupted",
@@ -158,6 +163,14 @@ class NoEligibleRoute(GatewayError):
         return body
 
 
+class NoMatchingRoute(NoEligibleRoute):
+    """OpenRouter's 404 "no endpoints found": the client's preferences rule out every route."""
+
+    status = 404
+    type = "invalid_request_error"
+    code = "no_matching_route"
+
+
 class AllRoutesFailed(GatewayError):
     status = 502
     type = "upstream_error"
@@ -171,6 +184,12 @@ class AllRoutesFailed(GatewayError):
         body = super().body()
         body["error"]["attempts"] = self.attempts
         return body
+
+
+class DeadlineExceeded(AllRoutesFailed):
+    status = 504
+    type = "upstream_error"
+    code = "deadline_exceeded"
 
 
 class StreamInterrupted(GatewayError):

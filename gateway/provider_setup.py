@@ -29,6 +29,29 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+
+def openai_compat(
+    name: str,
+    base_url: str,
+    key: str,
+    settings: Settings,
+    headers: dict[str, str] | None = None,
+    strip_text: tuple[str, ...] = (),
+) -> OpenAICompatProvider:
+    """An OpenAI-compatible provider with the settings' limits on what its upstream may send."""
+    return OpenAICompatProvider(
+        name,
+        base_url,
+        key,
+        headers=headers,
+        strip_text=strip_text,
+        max_body_bytes=settings.upstream_max_body_bytes,
+        max_decompressed_bytes=settings.upstream_max_decompressed_bytes,
+        max_header_bytes=settings.upstream_max_header_bytes,
+        max_sse_line_bytes=settings.upstream_max_sse_line_bytes,
+    )
+
+
 # optional header -> the settings field suffix that fills it
 _OPTIONAL_HEADER_SETTINGS = {"HTTP-Referer": "referer", "X-Title": "title"}
 
@@ -55,10 +78,11 @@ def build_providers(catalog: Catalog, settings: Settings) -> dict[str, Provider]
             continue
         base_url = settings.provider_base_url(name) or spec.base_url
         assert base_url is not None  # the catalog requires one for openai_compat
-        providers[name] = OpenAICompatProvider(
+        providers[name] = openai_compat(
             name,
             base_url,
             key,
+            settings,
             headers=optional_headers(name, spec, settings),
             strip_text=tuple(spec.strip_text),
         )
@@ -111,4 +135,12 @@ def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
         )
     assert settings.local_base_url is not None
     key = settings.provider_key("local") or "local"
-    return HttpLocalProvider(name, settings.local_base_url, key)
+    return HttpLocalProvider(
+        name,
+        settings.local_base_url,
+        key,
+        max_body_bytes=settings.upstream_max_body_bytes,
+        max_decompressed_bytes=settings.upstream_max_decompressed_bytes,
+        max_header_bytes=settings.upstream_max_header_bytes,
+        max_sse_line_bytes=settings.upstream_max_sse_line_bytes,
+    )

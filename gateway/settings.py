@@ -103,6 +103,21 @@ class Settings(BaseSettings):
     retry_backoff_base_s: float = 0.2
     retry_after_cap_s: float = 10.0  # longer Retry-After: fall back instead of waiting
     max_fallback_routes: int = 5
+    # One deadline per request: every attempt, backoff and stream read draws from it (an
+    # attempt's own total is cut to what is left). The default bounds a request whose routes
+    # all stall to 5 minutes; a stream still being served when it passes ends with an error.
+    request_deadline_s: float = Field(300.0, gt=0)
+    # Request bodies: JSON nested deeper than this is a 400 before anything parses it (the
+    # upstream encoder gives up near 255 levels; no OpenAI field needs more than a few dozen).
+    max_body_depth: int = Field(64, ge=2, le=200)
+    # What an upstream may send (over a limit: the upstream's protocol error, fail over).
+    upstream_max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # a non-stream answer
+    upstream_max_decompressed_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # gzip/deflate
+    upstream_max_header_bytes: int = Field(64 * 1024, ge=1024)  # status line + headers
+    upstream_max_sse_line_bytes: int = Field(1024 * 1024, ge=1024)  # one stream event
+    # Usage counted by the gateway (an upstream reported none): the first N characters are
+    # tokenized (in a worker thread) and the rest extrapolated; such usage is flagged estimated.
+    usage_count_max_chars: int = Field(256 * 1024, ge=1024)
 
     # serving
     host: str = "127.0.0.1"

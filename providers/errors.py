@@ -8,6 +8,9 @@
     │   └── UpstreamAuthError         401/403 from upstream: our key is bad; fail over, don't retry
     └── UpstreamProtocolError         malformed JSON / SSE, missing fields, over a size limit
 
+    RequestNotEncodable               not an UpstreamError: the provider could not encode the
+                                      request (our side; no route is at fault, none is tried)
+
 `retryable` decides a retry on the same route; any UpstreamError fails over to the next route
 unless `fatal_for_request` (the upstream said the *request* is invalid, so every route would say
 the same). `kind` is a short label for stats and logs ("http_500", "timeout_headers").
@@ -103,3 +106,8 @@ class UpstreamAuthError(UpstreamHTTPError):
 
 class UpstreamProtocolError(UpstreamError):
     kind = "protocol"
+
+
+class RequestNotEncodable(ValueError):
+    """The request could not be encoded for the upstream (e.g. nested beyond the encoder's
+    limit): the gateway's own failure, raised before any byte is sent, never a route's."""

@@ -20,6 +20,10 @@ Pooling: idle keep-alive connections are reused per origin (scheme, host, port) 
 `keepalive_expiry` seconds; one the server has closed is never reused. `max_connections` bounds
 the connections one transport has open; a request waits for a free one up to the pool timeout.
 A response closed before its end closes its connection (so the upstream sees the hang-up).
+
+Limits: `max_header_bytes` per response head; `request(max_body_bytes=, max_decoded_bytes=)`
+per exchange (http1_connection.py). Going over one raises `UpstreamLimitExceeded` and drops
+the connection.
 """
 
 from __future__ import annotations
@@ -33,9 +37,23 @@ from typing import Any
 
 import httpx
 
-from providers.http1_connection import Connection, Http1Response, Origin, ResponseBody
+from providers.http1_connection import (
+    DEFAULT_MAX_HEADER_BYTES,
+    Connection,
+    Http1Response,
+    Origin,
+    ResponseBody,
+)
+from providers.http1_decode import UpstreamLimitExceeded
 
-__all__ = ["Http1Response", "Http1Transport", "Origin", "origin_of", "request_head"]
+__all__ = [
+    "Http1Response",
+    "Http1Transport",
+    "Origin",
+    "UpstreamLimitExceeded",
+    "origin_of",
+    "request_head",
+]
 
 _PORTS = {b"http": 80, b"https": 443}
 
@@ -66,7 +84,9 @@ class Http1Transport(httpx.AsyncBaseTransport):
         ssl_context: ssl.SSLContext | None = None,
         max_connections: int = 256,
         keepalive_expiry: float = 30.0,
+        max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES,
     ):
+        self._max_header_bytes = max_header_bytes
         self._ssl = ssl_context
         self._max = max_connections
         self._expiry = keepalive_expiry
@@ -82,14 +102,17 @@ class Http1Transport(httpx.AsyncBaseTransport):
         pool_timeout: float | None = None,
         connect_timeout: float | None = None,
         read_timeout: float | None = None,
+        max_body_bytes: int | None = None,
+        max_decoded_bytes: int | None = None,
     ) -> Http1Response:
         """Send `head` (line and headers, ending in the blank line; see `request_head`) and
-        `body`; the response once its head has arrived. Raises httpx's exception types."""
+        `body`; the response once its head has arrived. Raises httpx's exception types, and
+        UpstreamLimitExceeded past a limit."""
         conn = await self._open(
-            origin, head + body, pool_timeout, connect_timeout, read_timeout, None
+            origin, head + body, pool_timeout, connect_timeout, read_timeout, None, max_body_bytes
         )
         stream = ResponseBody(self, conn, read_timeout, None)
-        return Http1Response(conn.status, conn.headers, stream)
+        return Http1Response(conn.status, conn.headers, stream, max_decoded_bytes)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
@@ -126,6 +149,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         connect_timeout: float | None,
         read_timeout: float | None,
         request: httpx.Request | None,
+        max_body_bytes: int | None = None,
     ) -> Connection:
         """Send the encoded request on a pooled (else new) connection; the connection once the
         response head is in. Holds one of the pool's slots until the body is released."""
@@ -142,6 +166,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
         conn: Connection | None = None
         try:
             conn = self._take_idle(origin)
+            if conn is not None:
+                conn.max_body = max_body_bytes
             if conn is not None and not await self._exchange(conn, data, read_timeout, request):
                 # The server closed this pooled connection as we reused it (its keep-alive
                 # timeout): nothing of the request was answered, so ask once more, afresh.
@@ -149,6 +175,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
                 conn = None
             if conn is None:
                 conn = await self._connect(origin, connect_timeout, request)
+                conn.max_body = max_body_bytes
                 if not await self._exchange(conn, data, read_timeout, request):
                     raise httpx.RemoteProtocolError(
                         "the server closed the connection without a response", request=request
@@ -211,7 +238,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
-                    lambda: Connection(origin), host, port, **tls
+                    lambda: Connection(origin, self._max_header_bytes), host, port, **tls
                 )
         except TimeoutError:
             raise httpx.ConnectTimeout("timed out connecting", request=request) from None

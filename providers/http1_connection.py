@@ -6,6 +6,12 @@ ResponseBody    the body as it arrives (also httpx's stream for the httpx interf
                 finishing or closing it gives the connection back to the pool
 Http1Response   what `Http1Transport.request()` returns: status, raw headers, the body whole
                 (`aread`) or piece by piece (`next_bytes`)
+
+Limits (what an upstream may make us hold): the status line and headers together
+(`max_header_bytes`, checked as bytes arrive, before the parser has kept them), the body's raw
+bytes (`max_body`, per exchange; None for an event stream, whose lines the SSE decoder bounds)
+and, for a compressed body, its decoded size (http1_decode.py). Going over one is
+`UpstreamLimitExceeded`: the connection is closed at once, nothing more is read.
 """
 
 from __future__ import annotations
@@ -18,7 +24,10 @@ from typing import Any, Protocol
 import httptools
 import httpx
 
+from providers.http1_decode import BoundedDecoder, UpstreamLimitExceeded
+
 Origin = tuple[bytes, str, int]
+DEFAULT_MAX_HEADER_BYTES = 64 * 1024
 _HIGH_WATER = 1 << 20  # unread body bytes before the socket stops reading
 
 
@@ -30,8 +39,10 @@ class Pool(Protocol):
 class Connection(asyncio.Protocol):
     """One HTTP/1.1 connection: a socket, a response parser, and the body received so far."""
 
-    def __init__(self, origin: Origin):
+    def __init__(self, origin: Origin, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES):
         self.origin = origin
+        self.max_header_bytes = max_header_bytes
+        self.max_body: int | None = None  # raw body bytes this exchange may receive
         self.transport: Any = None
         self.closed = False
         self.error: BaseException | None = None
@@ -47,6 +58,9 @@ class Connection(asyncio.Protocol):
         self.done = False
         self.persistent = False
         self.received = False  # any byte of this exchange's response
+        self.head_bytes = 0  # bytes fed to the parser before the head was complete
+        self.header_size = 0  # bytes of the headers parsed so far
+        self.body_bytes = 0
         self.body: deque[bytes] = deque()
         self.buffered = 0
         self.reading_paused = False
@@ -59,12 +73,26 @@ class Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.received = True
+        if self.error is not None:
+            return  # over a limit or malformed: the connection is closing, ignore the rest
+        head = not self.head_done
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self.error = httpx.RemoteProtocolError(f"malformed HTTP response: {exc}")
             self.transport.close()
+        if head:
+            # A head still arriving counts every byte fed; a complete one, what it parsed to.
+            size = self.header_size if self.head_done else self.head_bytes + len(data)
+            self.head_bytes = size
+            if size > self.max_header_bytes and self.error is None:
+                self._fail(f"response headers over {self.max_header_bytes} bytes")
         self._wake()
+
+    def _fail(self, why: str) -> None:
+        self.error = UpstreamLimitExceeded(why)
+        self.closed = True
+        self.transport.close()
 
     def eof_received(self) -> bool | None:
         self.closed = True
@@ -79,6 +107,7 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
+        self.header_size += len(name) + len(value) + 4  # ": " and CRLF
         lower = name.lower()
         if lower == b"content-length" or (
             lower == b"transfer-encoding" and b"chunked" in value.lower()
@@ -93,6 +122,13 @@ class Connection(asyncio.Protocol):
         self.head_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.error is not None:
+            return
+        self.body_bytes += len(body)
+        if self.max_body is not None and self.body_bytes > self.max_body:
+            self.body.clear()
+            self._fail(f"response body over {self.max_body} bytes")
+            return
         self.body.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.reading_paused:
@@ -167,10 +203,16 @@ class ResponseBody(httpx.AsyncByteStream):
         while (piece := await self.next_piece()) is not None:
             yield piece
 
+    def unlimit(self) -> None:
+        """No raw size limit from now on (an event stream: its lines are bounded instead)."""
+        self._conn.max_body = None
+
     async def next_piece(self) -> bytes | None:
         """The bytes received since the last call (waiting for some), None after the end."""
         conn = self._conn
         while True:
+            if conn.error is not None:
+                raise conn.error
             if conn.body:
                 return conn.take_body()
             if conn.done:
@@ -189,6 +231,8 @@ class ResponseBody(httpx.AsyncByteStream):
     async def read(self) -> bytes:
         """The whole body (usually already here: then no generator, no wait)."""
         conn = self._conn
+        if conn.error is not None:
+            raise conn.error
         if conn.done:
             data = conn.take_body() if conn.body else b""
             await self.aclose()
@@ -221,26 +265,32 @@ class ResponseBody(httpx.AsyncByteStream):
 class Http1Response:
     """What `Http1Transport.request` returns: status, raw headers, and the body.
 
-    The body is read once, whole (`aread`) or as it arrives (`aiter_bytes`); `aclose()` before
+    The body is read once, whole (`aread`) or as it arrives (`next_bytes`); `aclose()` before
     its end drops the connection. A body the upstream compressed (we ask for identity, but it
-    may not listen) is decoded by httpx's own decoders, as the httpx interface would."""
+    may not listen) is decoded here, gzip or deflate only, never beyond `max_decoded` bytes
+    (http1_decode.py): a 0.5 MB gzip bomb is an error after `max_decoded`, not 500 MB."""
 
-    __slots__ = ("_body", "_decoded", "_pieces", "headers", "status")
+    __slots__ = ("_body", "_decoder", "headers", "status")
 
-    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: ResponseBody):
+    def __init__(
+        self,
+        status: int,
+        headers: list[tuple[bytes, bytes]],
+        body: ResponseBody,
+        max_decoded: int | None = None,
+    ):
         self.status = status
         self.headers = headers
         self._body = body
-        self._decoded: httpx.Response | None = None
-        self._pieces: AsyncIterator[bytes] | None = None  # decoded body, as it is read
+        self._decoder: BoundedDecoder | None = None
         encoding = self.header(b"content-encoding")
         if encoding is not None and encoding.strip().lower() not in ("", "identity"):
-            self._decoded = httpx.Response(status, headers=headers, stream=body)
+            self._decoder = BoundedDecoder(encoding, max_decoded)
 
     @property
     def complete(self) -> bool:
         """The whole body is here: `aread()` returns without waiting."""
-        return self._decoded is None and self._body.complete
+        return self._body.complete
 
     def header(self, name: bytes) -> str | None:
         """The first value of a header (`name` in lower case), or None."""
@@ -249,23 +299,30 @@ class Http1Response:
                 return value.decode("latin-1")
         return None
 
+    def unlimit(self) -> None:
+        """Lift the raw body limit (an event stream); a decoded-size limit stays."""
+        self._body.unlimit()
+
     async def aread(self) -> bytes:
-        if self._decoded is not None:
-            return await self._decoded.aread()
-        return await self._body.read()
+        raw = await self._body.read()
+        if self._decoder is None:
+            return raw
+        return self._decoder.decode(raw) + self._decoder.flush()
 
     @property
     def ready(self) -> bool:
         """`next_bytes()` returns without waiting (bytes are here, or the end is)."""
-        return self._decoded is None and self._body.ready
+        return self._body.ready
 
     async def next_bytes(self) -> bytes | None:
-        """The body's next bytes as they arrive; None at its end."""
-        if self._decoded is None:
-            return await self._body.next_piece()
-        if self._pieces is None:
-            self._pieces = self._decoded.aiter_bytes()
-        return await anext(self._pieces, None)
+        """The body's next bytes as they arrive (maybe b"" while a decoder buffers); None at
+        its end."""
+        piece = await self._body.next_piece()
+        if self._decoder is None:
+            return piece
+        if piece is None:
+            return self._decoder.flush() or None
+        return self._decoder.decode(piece)
 
     async def aclose(self) -> None:
         await self._body.aclose()

@@ -34,9 +34,26 @@ PROBE_TIMEOUT_S = 2.0
 
 class HttpLocalProvider(OpenAICompatProvider):
     def __init__(
-        self, name: str, base_url: str, api_key: str, *, poll_interval_s: float = 2.0
+        self,
+        name: str,
+        base_url: str,
+        api_key: str,
+        *,
+        poll_interval_s: float = 2.0,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        max_decompressed_bytes: int = 16 * 1024 * 1024,
+        max_header_bytes: int = 64 * 1024,
+        max_sse_line_bytes: int = 1024 * 1024,
     ) -> None:
-        super().__init__(name, base_url, api_key)
+        super().__init__(
+            name,
+            base_url,
+            api_key,
+            max_body_bytes=max_body_bytes,
+            max_decompressed_bytes=max_decompressed_bytes,
+            max_header_bytes=max_header_bytes,
+            max_sse_line_bytes=max_sse_line_bytes,
+        )
         root = base_url.rstrip("/").removesuffix("/v1")
         self._readyz_url = f"{root}/readyz"
         self._poll_interval_s = poll_interval_s

@@ -17,6 +17,13 @@ of a stream) and total (the whole attempt; whichever phase it cuts short is repo
 Upstream statuses map onto the errors tree (401/403 UpstreamAuthError, 429 with Retry-After
 seconds or HTTP date, 5xx, ...). Messages are built from the route id and the status only; an
 upstream's own error text is redacted (our key included) and cut short before it is kept.
+An upstream that echoes our key in a 200 answer never gets it relayed: the key is scrubbed from
+the body (and from each stream event) wherever its literal bytes occur (one `in` test each).
+
+Limits (plain arguments; the gateway passes its settings): `max_body_bytes` (a JSON answer or
+an error body), `max_decompressed_bytes`, `max_header_bytes` (the transport's) and
+`max_sse_line_bytes` (one stream event). Over a limit is the upstream's protocol error: the
+connection is dropped at once and the dispatcher fails over.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import httpx
 from providers import json_codec
 from providers.base import PhaseTimeouts, ProviderRequest, ProviderResponse
 from providers.errors import (
+    RequestNotEncodable,
     UpstreamAuthError,
     UpstreamConnectError,
     UpstreamError,
@@ -41,13 +49,27 @@ from providers.errors import (
     UpstreamTimeout,
     redact,
 )
-from providers.http1 import Http1Response, Http1Transport, Origin, origin_of, request_head
+from providers.http1 import (
+    Http1Response,
+    Http1Transport,
+    Origin,
+    UpstreamLimitExceeded,
+    origin_of,
+    request_head,
+)
 from providers.openai_stream import OpenAIStream
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock
 from providers.sse import TextStripper, normalize_usage
 
 _PATHS = {"chat": "/chat/completions", "completions": "/completions"}
 _DETAIL_CHARS = 200
+REDACTED = b"[redacted]"
+MIN_SECRET_CHARS = 8
+
+
+def scrub(raw: bytes, secret: bytes) -> bytes:
+    """`raw` without the literal `secret` (cheap when it is absent: one search)."""
+    return raw.replace(secret, REDACTED) if secret and secret in raw else raw
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -88,13 +110,24 @@ class OpenAICompatProvider:
         strip_text: tuple[str, ...] = (),
         max_connections: int = 256,
         transport: Http1Transport | None = None,
+        max_body_bytes: int = 16 * 1024 * 1024,
+        max_decompressed_bytes: int = 16 * 1024 * 1024,
+        max_header_bytes: int = 64 * 1024,
+        max_sse_line_bytes: int = 1024 * 1024,
     ):
         self.name = name
         self._secret = (api_key,)
+        # what to scrub from answers; a placeholder too short to be a secret ("local") is not
+        self._key = api_key.encode("utf-8") if len(api_key) >= MIN_SECRET_CHARS else b""
         self._strip = tuple(s for s in strip_text if s)
+        self._max_body = max_body_bytes
+        self._max_decoded = max_decompressed_bytes
+        self._max_line = max_sse_line_bytes
         base_url = base_url.rstrip("/")
         self._transport = transport or Http1Transport(
-            ssl_context=shared_ssl_context(), max_connections=max_connections
+            ssl_context=shared_ssl_context(),
+            max_connections=max_connections,
+            max_header_bytes=max_header_bytes,
         )
         self._client = httpx.AsyncClient(
             base_url=base_url,
@@ -132,7 +165,11 @@ class OpenAICompatProvider:
         t = request.timeouts
         body = dict(request.body)
         body["model"] = request.slug
-        content = json_codec.dumps(body)
+        try:
+            content = json_codec.dumps(body)
+        except (ValueError, TypeError, RecursionError) as exc:
+            # our encoder's failure (e.g. nesting beyond its limit): no route is at fault
+            raise RequestNotEncodable(type(exc).__name__) from None
         origin, head = self._heads[request.endpoint]
         if request.extra_headers:
             headers = httpx.Headers(self._client.headers)
@@ -168,8 +205,16 @@ class OpenAICompatProvider:
             if request.stream and (response.header(b"content-type") or "").startswith(
                 "text/event-stream"
             ):
+                response.unlimit()  # a stream is bounded per event (and by the deadline)
                 return OpenAIStream(
-                    request.route_id, response, clock, t, self._strip, self.raise_embedded_error
+                    request.route_id,
+                    response,
+                    clock,
+                    t,
+                    self._strip,
+                    self.raise_embedded_error,
+                    secret=self._key,
+                    max_event_bytes=self._max_line,
                 )
             if response.complete:  # all here already: nothing to wait for, nothing to time
                 return await response.aread()
@@ -177,6 +222,9 @@ class OpenAICompatProvider:
         except UpstreamError:
             await response.aclose()
             raise
+        except UpstreamLimitExceeded as exc:
+            await response.aclose()
+            raise UpstreamProtocolError(request.route_id, str(exc)) from None
         except NETWORK_ERRORS:
             await response.aclose()
             raise UpstreamConnectError(
@@ -195,11 +243,19 @@ class OpenAICompatProvider:
             # The headers phase starts once connected; a slow connect has its own limit.
             return await clock.wait(
                 self._transport.request(
-                    origin, head, content, pool_timeout=connect, connect_timeout=connect
+                    origin,
+                    head,
+                    content,
+                    pool_timeout=connect,
+                    connect_timeout=connect,
+                    max_body_bytes=self._max_body,
+                    max_decoded_bytes=self._max_decoded,
                 ),
                 "headers",
                 t.connect + t.headers,
             )
+        except UpstreamLimitExceeded as exc:
+            raise UpstreamProtocolError(route_id, str(exc)) from None
         except (httpx.ConnectTimeout, httpx.PoolTimeout):
             raise UpstreamTimeout(route_id, "connect") from None
         except httpx.ConnectError:
@@ -219,7 +275,7 @@ class OpenAICompatProvider:
             raise UpstreamAuthError(route_id, status)
         try:
             raw = await clock.wait(response.aread(), "first_token", min(t.gap, t.first_token))
-        except (UpstreamTimeout, *NETWORK_ERRORS):
+        except (UpstreamTimeout, UpstreamLimitExceeded, *NETWORK_ERRORS):
             raw = b""
         detail = self._error_detail(raw)
         retry_after = parse_retry_after(response.header(b"retry-after"))
@@ -245,6 +301,7 @@ class OpenAICompatProvider:
         return redact(" ".join(text.split()), self._secret)[:_DETAIL_CHARS]
 
     def _decode_body(self, route_id: str, raw: bytes) -> dict[str, Any]:
+        raw = scrub(raw, self._key)
         try:
             data = json_codec.loads(raw)
         except ValueError:

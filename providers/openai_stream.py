@@ -5,7 +5,11 @@
     await stream.aclose()               # hangs up on the upstream
 
 Until the first chunk with output, reads are limited by the first-token phase (counted from the
-response headers); after it, by the gap between reads; always by the attempt's total. Leaked
+response headers); after it, by the gap between reads; always by the attempt's total (which the
+gateway cuts to its request's deadline), also when bytes are already waiting: a stream that
+trickles never outlives it. One event may not exceed `max_event_bytes` (the decoder refuses a
+longer line before holding it), and our key, should the upstream echo it, is scrubbed from
+each event before it is parsed. Leaked
 end-of-sequence text is stripped (also across chunks), and a chunk left with nothing to say
 (no text, tool call, finish_reason or usage) is dropped. A stream that ends without [DONE] is
 complete only if every choice said how it finished; otherwise it was cut.
@@ -20,10 +24,12 @@ import httpx
 
 from providers import json_codec
 from providers.base import PhaseTimeouts
-from providers.errors import UpstreamConnectError, UpstreamProtocolError
-from providers.http1 import Http1Response
+from providers.errors import UpstreamConnectError, UpstreamProtocolError, UpstreamTimeout
+from providers.http1 import Http1Response, UpstreamLimitExceeded
 from providers.phase_clock import NETWORK_ERRORS, PhaseClock
 from providers.sse import (
+    DEFAULT_MAX_EVENT_BYTES,
+    EventTooLarge,
     SSEDecoder,
     TextStripper,
     choice_text_key,
@@ -43,7 +49,12 @@ class OpenAIStream:
         timeouts: PhaseTimeouts,
         strip_text: tuple[str, ...],
         check_error: Callable[[str, dict[str, Any]], None],
+        *,
+        secret: bytes = b"",
+        max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
     ):
+        self._secret = secret
+        self._max_event = max_event_bytes
         self._route_id = route_id
         self._response = response
         self._clock = clock
@@ -66,7 +77,8 @@ class OpenAIStream:
         await self._response.aclose()
 
     async def _chunks(self) -> AsyncIterator[dict[str, Any]]:
-        decoder = SSEDecoder()
+        decoder = SSEDecoder(self._max_event)
+        secret = self._secret
         stripper = TextStripper(self._strip) if self._strip else None
         started = False  # a chunk with output arrived: from now on only the gap limit applies
         finished: set[int] = set()
@@ -74,10 +86,15 @@ class OpenAIStream:
         try:
             while True:
                 data = await self._read(started)
-                payloads = decoder.feed(data) if data is not None else decoder.close()
+                try:
+                    payloads = decoder.feed(data) if data is not None else decoder.close()
+                except EventTooLarge as exc:
+                    raise UpstreamProtocolError(self._route_id, str(exc)) from None
                 for payload in payloads:
                     if payload.strip() == b"[DONE]":
                         return
+                    if secret and secret in payload:
+                        payload = payload.replace(secret, b"[redacted]")
                     chunk = self._decode_chunk(payload)
                     for choice in chunk.get("choices") or ():
                         if isinstance(choice, dict):
@@ -104,13 +121,17 @@ class OpenAIStream:
         """The next bytes from the network (None at the end), within the phase's limit."""
         response, clock, t = self._response, self._clock, self._t
         try:
-            if response.ready:  # already here (or the end is): nothing to wait for or time
+            if response.ready:  # already here (or the end is): nothing to wait for
+                if clock.now() >= clock.deadline:  # ...but the total holds all the same
+                    raise UpstreamTimeout(self._route_id, "total")
                 return await response.next_bytes()
             if started:
                 return await clock.wait(response.next_bytes(), "gap", t.gap)
             return await clock.wait(
                 response.next_bytes(), "first_token", t.first_token, since=self._headers_at
             )
+        except UpstreamLimitExceeded as exc:
+            raise UpstreamProtocolError(self._route_id, str(exc)) from None
         except NETWORK_ERRORS:
             raise UpstreamConnectError(self._route_id, "the stream was cut") from None
         except httpx.HTTPError as exc:

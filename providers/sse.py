@@ -14,6 +14,12 @@ from __future__ import annotations
 
 from typing import Any
 
+DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
+
+
+class EventTooLarge(ValueError):
+    """An event (or a line still waiting for its end) is over the decoder's limit."""
+
 
 class SSEDecoder:
     """Incremental text/event-stream parser (the WHATWG rules the upstreams follow).
@@ -22,49 +28,81 @@ class SSEDecoder:
     comments (OpenRouter's keep-alive ": OPENROUTER PROCESSING"); several `data:` lines of one
     event are joined with "\\n"; other fields (event, id, retry) are ignored except `event:
     error`, whose payload is returned wrapped so the caller can tell it apart.
+
+    Bounded: an unterminated line is kept as a list of the pieces that brought it (joined once,
+    when its end arrives: no quadratic copying however many reads it spans), and an event whose
+    data, or a line still waiting for its end, exceeds `max_event_bytes` raises EventTooLarge.
     """
 
-    __slots__ = ("_buf", "_data", "_event")
+    __slots__ = ("_data", "_data_len", "_event", "_max", "_pending", "_pending_len")
 
-    def __init__(self) -> None:
-        self._buf = b""
+    def __init__(self, max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES) -> None:
+        self._pending: list[bytes] = []  # an unterminated line, in pieces
+        self._pending_len = 0
         self._data: list[bytes] = []
+        self._data_len = 0
         self._event = b""
+        self._max = max_event_bytes
 
     def feed(self, chunk: bytes) -> list[bytes]:
-        buf = self._buf + chunk if self._buf else chunk
+        if b"\n" not in chunk and b"\r" not in chunk:
+            if chunk:  # the line goes on: keep the piece, join nothing yet
+                self._pending.append(chunk)
+                self._pending_len += len(chunk)
+                self._check(self._pending_len)
+            return []
+        if self._pending:
+            self._pending.append(chunk)
+            buf = b"".join(self._pending)
+            self._pending, self._pending_len = [], 0
+        else:
+            buf = chunk
         out: list[bytes] = []
         if b"\r" not in buf:  # LF line ends, as most upstreams send: the short way
             lines = buf.split(b"\n")
-            self._buf = lines.pop()  # an unterminated line waits for more bytes (b"" if none)
+            self._keep(lines.pop())  # an unterminated line waits for more bytes (b"" if none)
             data = self._data
             for line in lines:
                 if line.startswith(b"data:"):  # the common line, handled inline
-                    data.append(line[6:] if line[5:6] == b" " else line[5:])
+                    value = line[6:] if line[5:6] == b" " else line[5:]
+                    data.append(value)
+                    self._data_len += len(value)
                 else:
                     self._line(line, out)
                     data = self._data  # a blank line dispatched the event: a new list
+            self._check(self._data_len)
             return out
         lines = buf.splitlines(keepends=True)
-        self._buf = b""
         if lines:
             last = lines[-1]
             # An unterminated line waits for more bytes; so does a trailing CR, which may be
             # the first half of a CRLF split across two network reads.
             if not last.endswith((b"\n", b"\r")) or last.endswith(b"\r"):
-                self._buf = lines.pop()
+                self._keep(lines.pop())
         for line in lines:
             self._line(line.rstrip(b"\r\n"), out)
+        self._check(self._data_len)
         return out
 
     def close(self) -> list[bytes]:
         """End of stream: what a final unterminated event carried."""
         out: list[bytes] = []
-        if self._buf:
-            self._line(self._buf.rstrip(b"\r\n"), out)
-            self._buf = b""
+        if self._pending:
+            line = b"".join(self._pending)
+            self._pending, self._pending_len = [], 0
+            self._line(line.rstrip(b"\r\n"), out)
         self._line(b"", out)
         return out
+
+    def _keep(self, rest: bytes) -> None:
+        if rest:
+            self._pending.append(rest)
+            self._pending_len += len(rest)
+            self._check(self._pending_len)
+
+    def _check(self, size: int) -> None:
+        if size > self._max:
+            raise EventTooLarge(f"a stream event is over {self._max} bytes")
 
     def _line(self, line: bytes, out: list[bytes]) -> None:
         if not line:
@@ -74,6 +112,7 @@ class SSEDecoder:
                     data = b'{"error": ' + data + b"}" if data.startswith(b"{") else data
                 out.append(data)
             self._data = []
+            self._data_len = 0
             self._event = b""
             return
         if line.startswith(b":"):
@@ -83,6 +122,7 @@ class SSEDecoder:
             value = value[1:]
         if field == b"data":
             self._data.append(value)
+            self._data_len += len(value)
         elif field == b"event":
             self._event = value
 

@@ -153,14 +153,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         router = build_router(catalog, prices, stats, providers, counter=exact)
         quotas = make_quotas(settings)
         usage_sink = stats if quotas is None else cast(StatsStore, ChargingStats(stats, quotas))
-        dispatcher = Dispatcher(
-            settings,
-            catalog,
-            stats,
-            Accountant(prices, usage_sink, tokens),
-            providers,
-            metrics=metrics,
-        )
+        accountant = Accountant(prices, usage_sink, tokens, settings.usage_count_max_chars)
+        dispatcher = Dispatcher(settings, catalog, stats, accountant, providers, metrics=metrics)
         app.state.quotas = quotas
         app.state.metrics = metrics
         app.state.gw = GatewayState(

@@ -1,7 +1,8 @@
 """`POST /v1/chat/completions` and `POST /v1/completions`: the OpenAI API, served by routes.
 
 Per request: authenticate (client key id) -> read the body within `max_body_bytes` (the
-Content-Length header and the bytes actually received) -> parse + validate once (schemas.py)
+Content-Length header and the bytes actually received) and `max_body_depth` levels of nesting
+(json_depth.py, before parsing) -> parse + validate once (schemas.py)
 -> Router.plan -> Dispatcher. The client's own dict is what goes upstream (minus gateway-only
 fields), so every field, standard or not, passes through. The handler works on the ASGI scope
 and messages directly (no Request / Response objects: they were ~30 µs of a request's CPU on
@@ -34,6 +35,7 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.json_depth import nesting_exceeds
 from gateway.api.schemas import validate_request
 from gateway.api.state import GatewayState
 from gateway.api.streaming import ClientGone, DisconnectWatch, GuardedStreamResponse
@@ -57,7 +59,9 @@ def request_headers(scope: Scope) -> dict[bytes, str]:
     return found
 
 
-async def read_json_body(receive: Receive, declared: str | None, limit: int) -> dict[str, Any]:
+async def read_json_body(
+    receive: Receive, declared: str | None, limit: int, max_depth: int = 64
+) -> dict[str, Any]:
     if declared is not None:
         try:
             too_big = int(declared) > limit
@@ -82,6 +86,8 @@ async def read_json_body(receive: Receive, declared: str | None, limit: int) -> 
         if not message.get("more_body", False):
             break
     raw = parts[0] if len(parts) == 1 else b"".join(parts)
+    if nesting_exceeds(raw, max_depth):
+        raise InvalidRequest(f"the request body nests deeper than {max_depth} levels")
     try:
         body = json_codec.loads(raw)
     except ValueError:
@@ -136,11 +142,12 @@ async def serve(
     state: GatewayState = app.state.gw
     headers = request_headers(scope)
     client_key = app.state.client_keys.authenticate(headers.get(b"authorization"))
+    settings = state.settings
     quotas = app.state.quotas
     if quotas is not None:  # per-client limits (quotas.py): 429 before any work
         await quotas.check(client_key)
     body = await read_json_body(
-        receive, headers.get(b"content-length"), state.settings.max_body_bytes
+        receive, headers.get(b"content-length"), settings.max_body_bytes, settings.max_body_depth
     )
     validate_request(body, endpoint)
     debug = _wants_attempts(headers.get(b"x-gateway-debug"), body)

@@ -8,7 +8,9 @@ this module and not on the dispatcher: the two files import in one direction onl
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -18,7 +20,7 @@ from gateway.accounting import Accountant
 from gateway.catalog import Model, Route
 from gateway.errors import UpstreamError
 from gateway.routing import RoutePlan
-from providers.base import Endpoint, Provider, ProviderStream
+from providers.base import Endpoint, PhaseTimeouts, Provider, ProviderStream
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,33 @@ class RequestContext:
     trail: list[dict[str, Any]] = field(default_factory=list)
     # Stats writes of the answer being served, for after the response is sent (None: at once).
     after_response: list[Callable[[], None]] | None = None
+    # perf_counter() time by which the request must be over: attempts, backoff, stream reads
+    deadline: float = math.inf
 
     def overhead_ms(self) -> float:
         """Time the gateway itself took so far: wall time minus upstream waits."""
         return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000.0)
+
+    def arm(self, seconds: float) -> None:
+        """Set the deadline `seconds` after the request began, unless one is set already."""
+        if self.deadline == math.inf:
+            self.deadline = self.started + seconds
+
+    def remaining(self) -> float:
+        return self.deadline - time.perf_counter()
+
+    def attempt_timeouts(self, base: PhaseTimeouts) -> PhaseTimeouts:
+        """The phase timeouts of an attempt starting now: its total cut to what is left."""
+        left = self.remaining()
+        if left <= 0:
+            raise DeadlinePassed()
+        if left >= base.total:
+            return base
+        return dataclasses.replace(base, total=left)
+
+
+class DeadlinePassed(Exception):
+    """The request's deadline passed before another attempt or backoff could start."""
 
 
 @dataclass(slots=True)

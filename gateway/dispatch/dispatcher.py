@@ -11,6 +11,13 @@ back at once); `retry_attempts_per_route` attempts per route and `retry_budget_s
 per request bound it. Then the next candidate. An error that says the request itself is bad
 (upstream 400/404/413/422) ends the request at once: every route would say the same.
 
+Deadline: the request has one (`request_deadline_s`, in its RequestContext). Each attempt's
+total is cut to what is left of it, so every read, a stream's included, stops in time; backoff
+never sleeps past it; when it passes, no further attempt starts and the answer is
+DeadlineExceeded (504). A route whose circuit is open is skipped unless it is the last
+candidate (circuit_gate.py). A failure in the gateway's own code is never a route's: a request
+the provider cannot encode is the client's 400, a provider bug fails over unrecorded.
+
 For streams the attempt lasts until the first chunk with output arrives, so every failure
 before the client sees a token (refused, 5xx, stall, cut, malformed chunk) fails over silently;
 after it the StreamGuard (stream_guard.py) owns the stream.
@@ -36,7 +43,9 @@ from typing import Any, TypeVar
 from gateway.accounting import Accountant, body_output_text, client_usage
 from gateway.catalog import Catalog, Route
 from gateway.dispatch.attempt_log import log_failed_attempt
+from gateway.dispatch.circuit_gate import Admission, CircuitGate
 from gateway.dispatch.context import (
+    DeadlinePassed,
     OpenedStream,
     RequestContext,
     ServedResponse,
@@ -48,6 +57,7 @@ from gateway.dispatch.retry import RetryPolicy
 from gateway.dispatch.stream_guard import StreamGuard
 from gateway.errors import (
     AllRoutesFailed,
+    DeadlineExceeded,
     InvalidRequest,
     NoEligibleRoute,
     PayloadTooLarge,
@@ -59,6 +69,7 @@ from gateway.routing import RoutePlan
 from gateway.settings import Settings
 from gateway.stats.base import Attempt, StatsStore
 from providers.base import Provider, ProviderRequest, ProviderResponse, ProviderStream
+from providers.errors import RequestNotEncodable
 from providers.sse import chunk_carries_output
 
 log = logging.getLogger(__name__)
@@ -87,16 +98,18 @@ class Dispatcher:
         self.metrics = metrics
         self.timeouts = settings.timeouts
         self.retry = RetryPolicy(settings, rng or random.Random())
+        self.gate = CircuitGate(stats)
 
     # -- public -------------------------------------------------------------------------------
 
     async def complete(
         self, plan: RoutePlan, body: dict[str, Any], ctx: RequestContext
     ) -> ServedResponse:
+        ctx.arm(self.settings.request_deadline_s)
         route, response = await self._first_success(plan, body, ctx, self._attempt_complete)
         model = self.catalog.models[route.model]
         data = response.body
-        prompt, completion, counted = self.accountant.counts(
+        prompt, completion, counted = await self.accountant.acounts(
             route, model, data.get("usage"), body, ctx.endpoint, body_output_text(data)
         )
         settled = self.accountant.settle(
@@ -118,6 +131,7 @@ class Dispatcher:
     async def open_stream(
         self, plan: RoutePlan, body: dict[str, Any], ctx: RequestContext
     ) -> StreamGuard:
+        ctx.arm(self.settings.request_deadline_s)
         _, opened = await self._first_success(plan, body, ctx, self.attempt_stream)
         return StreamGuard(self, plan, body, ctx, opened)
 
@@ -150,13 +164,19 @@ class Dispatcher:
     ) -> tuple[Route, T]:
         routes = plan.candidates if routes is None else routes
         first_attempt = len(ctx.trail)  # a continued stream's trail already has its start
+        # the router saw these configured; one that is gone now is a race with shutdown
+        usable = [r for r in routes if r.provider in self.providers]
         tried = 0
-        for route in routes:
-            provider = self.providers.get(route.provider)
-            if provider is None:
-                continue  # the router saw it configured; a race with shutdown
+        out_of_time = False
+        for index, route in enumerate(usable):
             if tried == self.settings.max_fallback_routes:
                 break
+            if ctx.remaining() <= 0:
+                out_of_time = True
+                break
+            admission = self.gate.admit(route.id, last=index == len(usable) - 1)
+            if admission is Admission.SKIP:
+                continue
             tried += 1
             request = ProviderRequest(
                 route.id,
@@ -165,13 +185,29 @@ class Dispatcher:
                 ctx.endpoint,
                 self.timeouts,
             )
+            provider = self.providers[route.provider]
             try:
                 return route, await self.retry.run(ctx, attempt, route, provider, request)
             except UpstreamError as exc:
                 if exc.fatal_for_request:
                     self._observe_failure(route.model, exc.kind, route.id)
                     raise _rejected(exc) from None
+            except DeadlinePassed:
+                out_of_time = True
+                break
+            except RequestNotEncodable as exc:
+                raise InvalidRequest(f"the request cannot be sent upstream: {exc}") from None
+            finally:
+                if admission is Admission.PROBE:
+                    self.gate.release(route.id)
         model = plan.model.id
+        if out_of_time or (ctx.trail and ctx.remaining() <= 0):
+            self._observe_failure(model, "deadline_exceeded")
+            raise DeadlineExceeded(
+                f"the request's deadline of {self.settings.request_deadline_s:g} s passed "
+                f"after {len(ctx.trail)} attempt(s)",
+                attempts=ctx.trail,
+            )
         if not ctx.trail:
             self._observe_failure(model, "no_eligible_route")
             unconfigured = {
@@ -227,6 +263,7 @@ class Dispatcher:
     async def _attempt_complete(
         self, route: Route, provider: Provider, request: ProviderRequest, ctx: RequestContext
     ) -> ProviderResponse:
+        request.timeouts = ctx.attempt_timeouts(self.timeouts)  # DeadlinePassed: none left
         started = time.perf_counter()
         try:
             result = await provider.chat(request)
@@ -238,6 +275,8 @@ class Dispatcher:
             raise
         except asyncio.CancelledError:
             self.record_attempt(route, ctx, started, cancelled=True)
+            raise
+        except RequestNotEncodable:
             raise
         except Exception as exc:
             raise self._internal_failure(route, ctx, started, exc) from None
@@ -258,6 +297,7 @@ class Dispatcher:
         self, route: Route, provider: Provider, request: ProviderRequest, ctx: RequestContext
     ) -> OpenedStream:
         """Open the stream and read until its first output (an attempt fails over before it)."""
+        request.timeouts = ctx.attempt_timeouts(self.timeouts)  # DeadlinePassed: none left
         started = time.perf_counter()
         stream: ProviderStream | None = None
         try:
@@ -283,7 +323,7 @@ class Dispatcher:
             if isinstance(exc, asyncio.CancelledError):
                 self.record_attempt(route, ctx, started, cancelled=True)
                 raise
-            if isinstance(exc, Exception):
+            if isinstance(exc, Exception) and not isinstance(exc, RequestNotEncodable):
                 raise self._internal_failure(route, ctx, started, exc) from None
             raise
         finally:
@@ -295,10 +335,12 @@ class Dispatcher:
     def _internal_failure(
         self, route: Route, ctx: RequestContext, started: float, exc: Exception
     ) -> UpstreamError:
-        """A bug below us must not take the request down with it: log it, fail over."""
+        """A bug below us must not take the request down with it: log it, fail over. It is
+        ours, not the route's: in the trail, never in the route's stats (no circuit opened)."""
         log.error("provider %s raised %s", route.provider, type(exc).__name__, exc_info=exc)
         error = UpstreamProtocolError(route.id, f"internal provider failure ({type(exc).__name__})")
-        self.record_attempt(route, ctx, started, error=error)
+        error.kind = "internal"
+        ctx.trail.append(trail_entry(route, False, time.perf_counter() - started, error))
         return error
 
     def _observe_failure(self, model: str, outcome: str, route_id: str | None = None) -> None:

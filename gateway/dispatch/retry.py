@@ -4,7 +4,8 @@ tenacity retries an attempt while the error is retryable (429, 5xx, connect erro
 timeouts) with jittered exponential backoff ("equal jitter"), or exactly the upstream's
 Retry-After when it is within `retry_after_cap_s` (a longer one falls back at once).
 `retry_attempts_per_route` attempts per route and `retry_budget_s` of backoff per request
-bound it; the backoff counts as upstream time in the request's context.
+bound it, and so does the request's deadline: a wait that would end past it is not taken (the
+route fails over at once). The backoff counts as upstream time in the request's context.
 """
 
 from __future__ import annotations
@@ -76,10 +77,14 @@ class RetryPolicy:
         def stop(state: RetryCallState) -> bool:
             if 1 + state.attempt_number >= s.retry_attempts_per_route:
                 return True
+            if state.upcoming_sleep >= ctx.remaining():
+                return True
             return ctx.backoff_s + state.upcoming_sleep > s.retry_budget_s
 
         delay = self.delay(first, 1)
         if s.retry_attempts_per_route <= 1 or ctx.backoff_s + delay > s.retry_budget_s:
+            raise first
+        if delay >= ctx.remaining():
             raise first
         await sleep(delay)
         retrying = AsyncRetrying(

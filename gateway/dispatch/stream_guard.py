@@ -27,12 +27,13 @@ to then is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.accounting import Settled, client_usage, output_text, reported_counts
+from gateway.accounting import ServedText, Settled, client_usage, output_text, reported_counts
 from gateway.dispatch.context import (
     AttemptRunner,
     OpenedStream,
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 _DONE = b"data: [DONE]\n\n"
 _NOT_CONTINUABLE = ("echo", "logprobs", "suffix")
+_MAX_CONTINUED_CHARS = 1 << 20  # ~256K tokens: beyond any route's context anyway
 
 
 class StreamGuard:
@@ -67,9 +69,15 @@ class StreamGuard:
         self._ctx = ctx
         self._seg = opened
         self._seg_open = True
+        self._seg_recorded = False  # the segment's attempt is written (usage may still wait)
         self._seg_usage: dict[str, Any] | None = None
-        self._seg_text: dict[int, list[str]] = {}
-        self._text: dict[int, list[str]] = {}  # everything served, per choice
+        # what this segment served, as much as counting needs (a sample and its length)
+        self._seg_text = ServedText(dispatcher.accountant.max_count_chars)
+        self._text: dict[int, list[str]] = {}  # everything served, per choice (to continue)
+        # The text served so far, kept only while the answer could be continued elsewhere and
+        # is not too long to re-send as a prompt (a hostile upstream must not fill memory).
+        self._keep_text = self.continuable()
+        self._kept_chars = 0
         self._choices: set[int] = set()  # every choice index the client has seen
         self._finished: set[int] = set()
         self._settled: list[Settled] = []
@@ -80,6 +88,7 @@ class StreamGuard:
         self._stops: tuple[str, ...] = ()
         self._stopped = False
         self._closed = False
+        self._failed: UpstreamError | None = None  # the error that ended the answer
         self.route = opened.route
         self.attempts = len(ctx.trail) + 1
 
@@ -105,6 +114,14 @@ class StreamGuard:
                 event = self._emit(chunk)
                 if event:
                     yield event
+            if error is not None and not self._answer_complete() and not self.continuable():
+                # The failed attempt is recorded and the client told at once; counting what
+                # was served (it may take a moment) waits for aclose(), after the response.
+                await quietly_close(seg.stream)
+                self._record_segment_attempt(error, self._seg_text.total_estimate())
+                yield self._interrupted(error)
+                self._failed = error
+                return
             await self._end_segment(error)
             if error is None or self._answer_complete():
                 break
@@ -113,20 +130,24 @@ class StreamGuard:
                 yield follow  # the budget was already spent: finish as "length"
                 break
             if follow is None:
-                interrupted = StreamInterrupted(
-                    f"the upstream failed after the answer started ({error.kind}); "
-                    "the answer is incomplete",
-                    attempts=self._ctx.trail,
-                )
-                self._observe_failure(error.kind)
-                yield stream_error_event(interrupted)
+                yield self._interrupted(error)
                 return
             seg = self._seg = follow
             self._seg_open = True
+            self._seg_recorded = False
             self._seg_usage = None
             self._segments += 1
         for event in self._tail():
             yield event
+
+    def _interrupted(self, error: UpstreamError) -> bytes:
+        interrupted = StreamInterrupted(
+            f"the upstream failed after the answer started ({error.kind}); "
+            "the answer is incomplete",
+            attempts=self._ctx.trail,
+        )
+        self._observe_failure(error.kind)
+        return stream_error_event(interrupted)
 
     def _emit(self, chunk: dict[str, Any]) -> bytes | None:
         usage = chunk.pop("usage", None)
@@ -155,11 +176,12 @@ class StreamGuard:
                 holder, key = where
                 if self._segments and self._stops:
                     holder[key] = self._cut_at_stop(index, holder[key], choice)
-                self._seg_text.setdefault(index, []).append(holder[key])
-                self._text.setdefault(index, []).append(holder[key])
+                self._seg_text.add(holder[key])
+                if self._keep_text:
+                    self._keep(index, holder[key])
             delta = choice.get("delta")
             if isinstance(delta, dict) and delta.get("tool_calls"):
-                self._seg_text.setdefault(index, []).append(output_text([delta]))
+                self._seg_text.add(output_text([delta]))
             if choice.get("finish_reason"):
                 self._finished.add(index)
         return b"data: " + _dumps(chunk) + b"\n\n"
@@ -202,21 +224,17 @@ class StreamGuard:
         self._seg_open = False
         seg = self._seg
         await quietly_close(seg.stream)
-        text = "".join("".join(parts) for parts in self._seg_text.values())
-        self._seg_text = {}
+        text, self._seg_text = self._seg_text, ServedText(self._d.accountant.max_count_chars)
         acct = self._d.accountant
-        prompt, completion, counted = acct.counts(
-            seg.route, seg.model, self._seg_usage, seg.body, self._ctx.endpoint, text
-        )
-        self._d.record_attempt(
-            seg.route,
-            self._ctx,
-            seg.started,
-            error=error,
-            ttft_s=seg.ttft_s,
-            completion_tokens=completion,
-            cancelled=cancelled,
-        )
+        args = (seg.route, seg.model, self._seg_usage, seg.body, self._ctx.endpoint, text)
+        interrupted: asyncio.CancelledError | None = None
+        try:
+            prompt, completion, counted = await acct.acounts(*args)
+        except asyncio.CancelledError as exc:  # usage is never dropped: count here, capped
+            interrupted = exc
+            prompt, completion, counted = acct.counts(*args)
+        if not self._seg_recorded:
+            self._record_segment_attempt(error, completion, cancelled=cancelled)
         # A continuation's prompt includes the answer's first part: this record keeps what the
         # upstream really processed; the client's usage (total()) keeps the prompt it sent.
         self._settled.append(
@@ -231,13 +249,30 @@ class StreamGuard:
                 after=self._ctx.after_response if error is None else None,
             )
         )
+        if interrupted is not None:
+            raise interrupted
+
+    def _record_segment_attempt(
+        self, error: UpstreamError | None, completion: int, *, cancelled: bool = False
+    ) -> None:
+        seg = self._seg
+        self._seg_recorded = True
+        self._d.record_attempt(
+            seg.route,
+            self._ctx,
+            seg.started,
+            error=error,
+            ttft_s=seg.ttft_s,
+            completion_tokens=completion,
+            cancelled=cancelled,
+        )
 
     async def aclose(self) -> None:
         """Always called once the response is over: a hang-up closes the upstream call."""
         if self._closed:
             return
         self._closed = True
-        await self._end_segment(None, cancelled=True)
+        await self._end_segment(self._failed, cancelled=self._failed is None)
 
     # -- continuing on another route ----------------------------------------------------------
 
@@ -249,8 +284,15 @@ class StreamGuard:
             return False
         return not any(body.get(name) for name in _NOT_CONTINUABLE)
 
+    def _keep(self, index: int, text: str) -> None:
+        self._kept_chars += len(text)
+        if self._kept_chars > _MAX_CONTINUED_CHARS:
+            self._keep_text, self._text = False, {}  # too long to continue: stop keeping it
+            return
+        self._text.setdefault(index, []).append(text)
+
     async def _continuation(self) -> OpenedStream | bytes | None:
-        if not self.continuable():
+        if not self._keep_text:
             return None
         failed = {entry["route"] for entry in self._ctx.trail if not entry["ok"]}
         weights = self._seg.route.weights

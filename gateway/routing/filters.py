@@ -11,6 +11,11 @@
 Without require_parameters a route that does not support a parameter stays a candidate and
 the parameter is dropped for it (`RoutePlan.dropped_params`, `RoutePlan.body_for`); limits
 are never dropped silently (three answers where the client asked for n=3 would be wrong).
+
+Every reason but availability is the request's own doing (`ClientExcluded`; an unavailable
+route the request would rule out anyway counts as such): when such reasons rule out every
+route, the request can never be served as asked, and the router answers OpenRouter's 404
+instead of a 503 (router.py).
 """
 
 from __future__ import annotations
@@ -36,6 +41,10 @@ _NOT_PARAMS = GATEWAY_FIELDS | {
     "max_completion_tokens",
     "user",
 }
+
+
+class ClientExcluded(str):
+    """A skip reason that is the request's own choice: preferences, parameters, size."""
 
 
 MAX_BUDGET = 2**31 - 1  # as api/schemas.py: a completion budget is an int32 everywhere
@@ -95,27 +104,46 @@ def skip_reason(e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Ask
     """Why `e` is not a candidate (the first failing filter), or None when it is one."""
     route = e.route
     if e.fit_error is not None:
-        return e.fit_error
+        return ClientExcluded(e.fit_error)
     if prefs is DEFAULT_PREFS:  # the common case, kept short
-        return e.unavailable or limit_error(route, limits, asked)
+        return e.unavailable or _client(limit_error(route, limits, asked))
     if any(route_matches(entry, route) for entry in prefs.ignore):
-        return "ignored by provider.ignore"
+        return ClientExcluded("ignored by provider.ignore")
     if prefs.only is not None and not any(route_matches(x, route) for x in prefs.only):
-        return "not in provider.only"
+        return ClientExcluded("not in provider.only")
     if prefs.order and not prefs.allow_fallbacks and order_index(prefs, route) is None:
-        return "not in provider.order and provider.allow_fallbacks is false"
+        return ClientExcluded("not in provider.order and provider.allow_fallbacks is false")
+    asked_for = _request_reason(e, limits, prefs, asked)
     if e.unavailable is not None:
-        return e.unavailable
+        # Unavailable, but the request would rule it out anyway: that is the reason that counts.
+        return (
+            e.unavailable if asked_for is None else ClientExcluded(f"{asked_for}; {e.unavailable}")
+        )
+    return asked_for
+
+
+def _request_reason(
+    e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Asked
+) -> ClientExcluded | None:
+    """The request's own reason to skip a route it did not name away: limits, parameters,
+    price."""
+    route = e.route
     limit = limit_error(route, limits, asked)
     if limit is not None:
-        return limit
+        return ClientExcluded(limit)
     if prefs.require_parameters:
         missing = sorted(asked.params & route.unsupported_params)
         if missing:
-            return f"does not support {', '.join(missing)} (provider.require_parameters)"
+            why = f"does not support {', '.join(missing)} (provider.require_parameters)"
+            return ClientExcluded(why)
     prompt_cap, completion_cap = prefs.max_prompt_price, prefs.max_completion_price
     if (prompt_cap is not None and e.input_price > prompt_cap) or (
         completion_cap is not None and e.output_price > completion_cap
     ):
-        return f"price {e.input_price:g}/{e.output_price:g} per 1M above provider.max_price"
+        why = f"price {e.input_price:g}/{e.output_price:g} per 1M above provider.max_price"
+        return ClientExcluded(why)
     return None
+
+
+def _client(reason: str | None) -> str | None:
+    return None if reason is None else ClientExcluded(reason)

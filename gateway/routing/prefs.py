@@ -141,6 +141,8 @@ def parse_provider_prefs(value: object) -> ProviderPrefs:
         if value.get(key) is not None:
             kw[key] = _name_list(key, value[key])
     if "only" in kw:
+        if not kw["only"]:  # "no provider at all" can never be served: the client's mistake
+            raise _bad("only", "must name at least one provider (omit it to allow any)")
         kw["only"] = frozenset(kw["only"])
     if "ignore" in kw:
         kw["ignore"] = frozenset(kw["ignore"])

@@ -27,7 +27,9 @@ ranks exactly as the server routes. `plan`:
    when it is the cheapest. allow_fallbacks=false without an order keeps the first choice only.
 
 A prompt that fits no configured route of any requested model is the client's error
-(ContextLengthExceeded, 400); routes that fit but are all filtered out are ours (NoEligibleRoute,
+(ContextLengthExceeded, 400); routes that fit but are all filtered out by the request's own
+preferences or parameters (every one of them, whether configured or not) are its mistake too
+(NoMatchingRoute, 404, as OpenRouter's "no endpoints found"); otherwise ours (NoEligibleRoute,
 503, with `skipped`). Routes without a key or backend are not this deployment's: they do not
 make a prompt "fit" (a 64k hosted route with no key does not excuse an 8k local one).
 The decision itself takes tens of microseconds (bench/routing.py, docs/benchmarks.md).
@@ -42,11 +44,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalog import Catalog, CatalogError, Model, Route
-from gateway.errors import ContextLengthExceeded, ModelNotFound, NoEligibleRoute
+from gateway.errors import ContextLengthExceeded, ModelNotFound, NoEligibleRoute, NoMatchingRoute
 from gateway.prices import PriceBook
 from gateway.routing.filters import (
     GATEWAY_FIELDS,
     Asked,
+    ClientExcluded,
     Limits,
     requested_max_tokens,
     skip_reason,
@@ -341,6 +344,11 @@ class Router:
                 param="messages" if endpoint == "chat" else "prompt",
             )
         if not plan.candidates:
+            if plan.skipped and all(isinstance(r, ClientExcluded) for r in plan.skipped.values()):
+                raise NoMatchingRoute(
+                    "no route matches the request's provider preferences and parameters",
+                    skipped=plan.skipped,
+                )
             raise NoEligibleRoute("no route can serve this request", skipped=plan.skipped)
         return plan
 

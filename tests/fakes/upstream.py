@@ -35,6 +35,8 @@ from tests.fakes.deepinfra_samples import (
     DEEPINFRA_SAMPLE_PROMPT_TOKENS,
     DEEPINFRA_SAMPLE_STREAM,
 )
+from tests.fakes.hostile import HOSTILE_KINDS
+from tests.fakes.hostile import serve as serve_hostile
 from tests.fakes.server import ServerThread, read_body, send_json
 
 FAULT_KINDS = (
@@ -50,6 +52,7 @@ FAULT_KINDS = (
     "malformed",  # a body / first event that is not JSON
     "malformed_after_first",  # `after` content chunks, then an event that is not JSON
     "no_usage",  # a normal answer that reports no usage (even when asked)
+    *HOSTILE_KINDS,  # too big, too slow, not what was asked (hostile.py)
 )
 
 
@@ -58,6 +61,8 @@ class Fault:
     kind: str
     retry_after: str | None = None  # http_429: the header value
     after: int = 1  # *_after_first: content chunks sent before the fault
+    size: int = 0  # hostile.py's oversized_* and gzip_bomb: bytes
+    interval_s: float = 0.1  # trickle: between two chunks
 
     def __post_init__(self) -> None:
         if self.kind not in FAULT_KINDS:
@@ -203,6 +208,8 @@ class _Handler:
             return await send_json(self.send, 400, {"error": {"message": "bad parameter: foo"}})
         if kind == "stall_headers":
             return await self.stall()
+        if fault is not None and kind in HOSTILE_KINDS:
+            return await serve_hostile(self, body, fault)
         if body.get("stream"):
             return await self._stream(body, fault)
         return await self._complete(body, fault)
@@ -210,13 +217,8 @@ class _Handler:
     async def _complete(self, body: dict[str, Any], fault: Fault | None) -> None:
         kind = fault.kind if fault else None
         if kind == "stall_first_token":
-            await self.send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [(b"content-type", b"application/json")],
-                }
-            )
+            head = [(b"content-type", b"application/json")]
+            await self.send({"type": "http.response.start", "status": 200, "headers": head})
             return await self.stall()
         if kind == "malformed":
             return await send_json(self.send, 200, b'{"id": "x", "choices": [')

@@ -140,3 +140,13 @@ def start_gateway(
 @pytest.fixture
 def gateway(start_gateway: Callable[..., Gateway]) -> Gateway:
     return start_gateway()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`faults_heavy` tests run only when asked for by name (`make test-faults`)."""
+    if "faults_heavy" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="heavy fault sizes: run with -m faults_heavy")
+    for item in items:
+        if item.get_closest_marker("faults_heavy") is not None:
+            item.add_marker(skip)
