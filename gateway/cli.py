@@ -237,17 +237,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.app import create_app
-    from gateway.api.http_server import GatewayHttpProtocol
+    from gateway.api.http_server import uvicorn_options
 
+    # uvicorn with our hardened httptools protocol (limits from settings, a response in one write)
     uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # uvicorn builds every access-log line's arguments before the logger checks its level:
-        # when the level hides INFO, nothing would be written, so leave the work undone.
-        access_log=settings.log_level.lower() in ("info", "debug", "trace"),
-        http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
+        create_app(settings), host=settings.host, port=settings.port, **uvicorn_options(settings)
     )
     return 0
 

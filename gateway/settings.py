@@ -73,6 +73,15 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     log_level: str = "info"
+    # what one process lets clients hold (gateway/api/server_limits.py documents each answer)
+    server_header_timeout_s: float = Field(10.0, gt=0)  # request line + headers, from the start
+    server_body_timeout_s: float = Field(30.0, gt=0)  # the body, from the end of the headers
+    server_keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle keep-alive connection
+    server_max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers: 431
+    server_max_header_count: int = Field(100, ge=8)  # header fields: 431
+    server_max_connections: int = Field(2048, ge=1)  # open per process: 503 + Retry-After
+    server_max_inflight_requests: int = Field(512, ge=1)  # per process: 503 + Retry-After
+    server_retry_after_s: int = Field(1, ge=1)  # the Retry-After of those 503s
 
     @model_validator(mode="before")
     @classmethod

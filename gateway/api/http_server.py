@@ -1,6 +1,12 @@
-"""How `gateway serve` runs uvicorn: its httptools protocol, with a response's writes coalesced.
+"""How `gateway serve` runs uvicorn: its httptools protocol, hardened, with writes coalesced.
 
-    uvicorn.run(app, http=GatewayHttpProtocol, loop="uvloop", ...)   # gateway/cli.py
+    uvicorn.run(app, host=..., port=..., **uvicorn_options(settings))   # gateway/cli.py
+
+`GatewayHttpProtocol` enforces `ServerLimits` (server_limits.py: header and body read timeouts,
+header size and count, open connections and in-flight requests per process, with 408 / 431 /
+503 + Retry-After answers). uvicorn alone holds a socket that sends nothing, or drips a header
+line every few seconds, forever, and lets an unfinished head grow without bound; its own
+`limit_concurrency` counts idle sockets as load and answers in plain text without Retry-After.
 
 uvicorn writes a response's head and its body in two `transport.write` calls, so a small JSON
 answer leaves as two TCP segments: two send syscalls here and two wake-ups of the client (on
@@ -15,9 +21,19 @@ write; a stream's events still leave as they are produced, one loop iteration la
 from __future__ import annotations
 
 import asyncio
+import functools
+from collections import Counter
 from typing import Any
 
+import httptools
+from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from gateway.api.server_limits import NEVER_SHED, ServerLimits, raw_response, shed_app
+
+# What the limits did in this process (all servers in it): /metrics shows them.
+SERVER_EVENTS: Counter[str] = Counter()
 
 
 class CoalescingTransport:
@@ -74,8 +90,202 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+class _HeadRejected(Exception):
+    """Raised from a parser callback to stop parsing a head that broke a limit."""
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a CoalescingTransport; everything else unchanged."""
+    """uvicorn's httptools protocol over a CoalescingTransport, with `ServerLimits` enforced.
+
+    One timer per connection, armed only while the server waits on the client: "head" from the
+    connection's start (or a keep-alive request's first byte) until its headers are in, "body"
+    from then until the body is in. It is set once per phase, so dripping bytes never extend it;
+    a request whose head and body arrive in one read never arms it at all."""
+
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        limits: ServerLimits | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits if limits is not None else ServerLimits()
+        self._real_app = self.app
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_phase = ""
+        self._in_head = False
+        self._in_body = False
+        self._head_bytes = 0
+        self._header_count = 0
+        self._rejection: bytes | None = None
+
+    # -- connection ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+        if len(self.connections) > self.limits.max_connections:
+            SERVER_EVENTS["connection_refused"] += 1
+            retry = self.limits.retry_after_s
+            message = f"the gateway has too many open connections; retry after {retry} s"
+            self.transport.write(raw_response(503, message, retry_after=retry))
+            self.transport.close()
+            return
+        self._arm("head", self.limits.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        # uvicorn's data_received, plus the head-size check on every read and the timers.
+        self._unset_keepalive_if_required()
+        if self._in_head or self._idle():
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self._rejection is None:
+                self.logger.warning("Invalid HTTP request received.")
+            self.send_400_response("Invalid HTTP request received.")
+            return
+        if self.transport.is_closing():
+            self._disarm()
+        elif self._in_body:
+            self._arm("body", self.limits.body_timeout_s)
+        elif self._in_head or self._idle():
+            if self._head_bytes > self.limits.max_header_bytes:
+                self._reject_head("request line and headers")
+                self.send_400_response("")
+            else:
+                self._arm("head", self.limits.header_timeout_s)
+        else:
+            self._disarm()  # the request is the app's now; the response is on its way
+
+    def send_400_response(self, msg: str) -> None:
+        if self._rejection is None:
+            super().send_400_response(msg)
+            return
+        self.transport.write(self._rejection)
+        self.transport.close()
+        self._disarm()
+
+    # -- parser callbacks ------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._header_count = 0
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_count += 1
+        if self._header_count > self.limits.max_header_count:
+            self._reject_head(f"more than {self.limits.max_header_count} header fields")
+            raise _HeadRejected()
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+        if size > self.limits.max_header_bytes:
+            self._reject_head("request line and headers")
+            raise _HeadRejected()
+        self._head_bytes = 0
+        self._in_body = True  # until on_message_complete, which follows at once without a body
+        self._disarm()
+        if len(self.tasks) >= self.limits.max_inflight_requests and not self._never_shed():
+            SERVER_EVENTS["request_shed"] += 1
+            self.app = shed_app(self.limits.retry_after_s)  # uvicorn reads self.app just now
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = self._real_app
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        super().on_message_complete()
+
+    # -- limits ----------------------------------------------------------------------------
+
+    def _idle(self) -> bool:
+        """No request is being served: what arrives now is (the start of) the next head."""
+        return self.cycle is None or self.cycle.response_complete
+
+    def _never_shed(self) -> bool:
+        try:
+            return httptools.parse_url(self.url).path in NEVER_SHED
+        except httptools.HttpParserInvalidURLError:
+            return False
+
+    def _reject_head(self, what: str) -> None:
+        SERVER_EVENTS["head_too_large"] += 1
+        limit = self.limits.max_header_bytes
+        message = f"{what} over the limit ({limit} bytes, {self.limits.max_header_count} fields)"
+        self._rejection = raw_response(431, message)
+
+    def _arm(self, phase: str, timeout_s: float) -> None:
+        if self._timer is not None:
+            if self._timer_phase == phase:
+                return  # the deadline was set when the phase began; new bytes don't move it
+            self._timer.cancel()
+        self._timer_phase = phase
+        self._timer = self.loop.call_later(timeout_s, self._read_timed_out)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+            self._timer_phase = ""
+
+    def _read_timed_out(self) -> None:
+        phase, self._timer, self._timer_phase = self._timer_phase, None, ""
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        if phase == "body":
+            if self.flow.read_paused:  # the app has not taken what it has: not the client's fault
+                self._arm("body", self.limits.body_timeout_s)
+                return
+            SERVER_EVENTS["body_timeout"] += 1
+            if cycle is not None and not cycle.response_started:
+                message = f"the request body did not arrive within {self.limits.body_timeout_s} s"
+                self.transport.write(raw_response(408, message))
+            if cycle is not None:
+                cycle.disconnected = True  # the app's reads see a disconnect, its writes go nowhere
+                cycle.message_event.set()
+        else:
+            SERVER_EVENTS["header_timeout"] += 1
+            if self._in_head:
+                limit = self.limits.header_timeout_s
+                message = f"the request headers did not arrive within {limit} s"
+                self.transport.write(raw_response(408, message))
+        self.transport.close()
+
+
+def protocol_factory(limits: ServerLimits) -> Any:
+    """What uvicorn's `http=` takes: our protocol with these limits (a partial pickles, so it also
+    works with uvicorn's worker processes)."""
+    return functools.partial(GatewayHttpProtocol, limits=limits)
+
+
+def uvicorn_options(settings: Any) -> dict[str, Any]:
+    """uvicorn.run / uvicorn.Config keyword arguments for the gateway (besides app, host, port)."""
+    limits = ServerLimits.from_settings(settings)
+    return {
+        "http": protocol_factory(limits),
+        "timeout_keep_alive": limits.keepalive_timeout_s,
+        "log_level": settings.log_level,
+        # uvicorn builds every access-log line's arguments before the logger checks its level:
+        # when the level hides INFO, nothing would be written, so leave the work undone.
+        "access_log": settings.log_level.lower() in ("info", "debug", "trace"),
+        "backlog": max(2048, limits.max_connections),
+    }
