@@ -139,6 +139,9 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         dispatcher = Dispatcher(
             settings, catalog, stats, Accountant(prices, stats, tokens), providers, metrics=metrics
         )
+        health.register_health_metrics(
+            metrics.registry, bool(settings.redis_url), lambda: stats.connected
+        )
         app.state.metrics = metrics
         app.state.gw = GatewayState(
             settings=settings,

@@ -34,6 +34,13 @@ from gateway.api.server_limits import NEVER_SHED, ServerLimits, raw_response, sh
 
 # What the limits did in this process (all servers in it): /metrics shows them.
 SERVER_EVENTS: Counter[str] = Counter()
+SERVER_EVENT_NAMES = (
+    "header_timeout",
+    "body_timeout",
+    "head_too_large",
+    "connection_refused",
+    "request_shed",
+)
 
 
 class CoalescingTransport:
