@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     # who may call (no client keys = an open gateway)
     gateway_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     gateway_admin_token: SecretStr | None = None  # absent = /admin disabled
+    # origins (https://gw.example.com) besides the Host header that may change admin state
+    gateway_admin_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # hosted providers: keys and base-URL overrides
     lepton_api_key: SecretStr | None = None
@@ -91,7 +93,7 @@ class Settings(BaseSettings):
             return {k: v for k, v in data.items() if not (isinstance(v, str) and v == "")}
         return data
 
-    @field_validator("gateway_api_keys", mode="before")
+    @field_validator("gateway_api_keys", "gateway_admin_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

@@ -4,7 +4,10 @@ Enabled only when GATEWAY_ADMIN_TOKEN is set; otherwise every /admin path answer
 it did not exist. A caller proves it knows the token with `Authorization: Bearer <token>` or
 with the session cookie the login form sets: `<expiry>.<HMAC-SHA256(token, expiry)>`, so the
 cookie is not the token, works on every replica, and dies when the token changes. The cookie
-is HttpOnly, SameSite=Strict (no cross-site form posts ride on it) and Secure under https.
+is HttpOnly, SameSite=Strict and Secure under https; and every state-changing request (forms,
+JSON API, login, logout, and any endpoint added to this router) is refused with a 403 when its
+Sec-Fetch-Site / Origin / Referer names another site (csrf.py; GATEWAY_ADMIN_ORIGINS adds the
+public origins a reverse proxy serves the dashboard under, when it rewrites Host).
 
     GET    /admin                        the dashboard (HTML), or the login form (401)
     POST   /admin/login                  form: token  -> cookie, 303 to /admin
@@ -24,12 +27,13 @@ import json
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from gateway.api.admin_page import dashboard_data, dashboard_page, login_page
+from gateway.api.csrf import refuse_cross_site
 from gateway.api.state import GatewayState, get_state
 from gateway.errors import (
     AuthenticationFailed,
@@ -39,7 +43,15 @@ from gateway.errors import (
     render_error,
 )
 
-router = APIRouter(prefix="/admin")
+
+async def _no_cross_site_writes(request: Request) -> None:
+    """The router's guard: while /admin is enabled, no state change from another site."""
+    state = get_state(request)
+    if _token(state) is not None:
+        refuse_cross_site(request, state.settings.gateway_admin_origins)
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(_no_cross_site_writes)])
 
 COOKIE = "gw_admin"
 SESSION_S = 12 * 3600
@@ -92,16 +104,6 @@ def _authorized(request: Request, token: str) -> bool:
         return True
     cookie = request.cookies.get(COOKIE)
     return cookie is not None and _valid_cookie(token, cookie)
-
-
-def _same_origin(request: Request) -> bool:
-    """A browser form post must come from this site (SameSite already stops most others)."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True  # not a browser, or one that sends no Origin on same-site posts
-    if origin == "null":
-        return False
-    return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def _admin(request: Request, *, html: bool) -> tuple[GatewayState, str]:
@@ -191,8 +193,6 @@ async def set_price_form(request: Request) -> Response:
         state, _ = _admin(request, html=True)
     except _Denied as denied:
         return denied.response
-    if not _same_origin(request):
-        return HTMLResponse("cross-site form post refused", status_code=403)
     try:
         form = await _form(request)
         route_id = form.get("route_id", "")
