@@ -68,7 +68,7 @@ async def test_the_same_writes_from_the_dashboard_itself_or_a_script_pass() -> N
         {"referer": "http://testserver/admin"},
         {},  # curl / an SDK: no browser headers
     ]
-    async with running_app(settings) as (app, client):
+    async with running_app(settings) as (_, client):
         for headers in same_site:
             for method, path, kwargs in WRITES:
                 response = await _send(client, method, path, kwargs, headers)
