@@ -21,12 +21,14 @@ from gateway.api.http_server import uvicorn_options
 from tests.fakes.server import ServerThread
 
 
-def served_like_cli(app: Any, settings: Any) -> ServerThread:
+def served_like_cli(app: Any, settings: Any, **options_over: Any) -> ServerThread:
     """A ServerThread whose uvicorn runs with the CLI's options: the hardened protocol and its
-    limits (the plain ServerThread serves uvicorn's own httptools protocol)."""
+    limits (the plain ServerThread serves uvicorn's own httptools protocol). Quiet unless
+    `options_over` says otherwise (log_level="info", access_log=True)."""
     thread = ServerThread(app)
     options = uvicorn_options(settings)
     options.update(log_level="critical", access_log=False)
+    options.update(options_over)
     config = uvicorn.Config(
         app, lifespan="on", interface="asgi3", timeout_graceful_shutdown=1, **options
     )
