@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint typecheck pytest bench bench-overhead bench-local bench-kernels redis clean
+.PHONY: serve test test-faults lint typecheck pytest bench bench-overhead bench-local bench-kernels redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ pytest: $(VENV)/.dev-installed redis
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# The heavy fault-suite variants (marker faults_heavy): more fuzz examples, more hostile sockets.
+test-faults: $(VENV)/.dev-installed redis
+	$(BIN)/pytest -q -m faults_heavy $(PYTEST_ARGS)
 
 bench-overhead: $(VENV)/.dev-installed
 	$(BIN)/python bench/overhead.py
