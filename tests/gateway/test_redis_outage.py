@@ -97,6 +97,12 @@ def test_redis_killed_under_load_two_replicas_no_failures_exact_usage(
         "redis_url": aof_redis.url,
         "stats_prefix": f"moegw-outage-{uuid.uuid4().hex[:8]}:",
         "stats_flush_interval_s": 0.05,
+        # Phase timeouts as loose as production's: with the suite's 0.4 s ones a loaded machine
+        # makes the gateway give up on an answer the fake still completes (and counts).
+        "timeout_headers_s": 10.0,
+        "timeout_first_token_s": 10.0,
+        "timeout_gap_s": 10.0,
+        "timeout_total_s": 30.0,
     }
     replicas = [start_gateway(**shared), start_gateway(**shared)]
     results, noticed = asyncio.run(_load(replicas, aof_redis, requests))
