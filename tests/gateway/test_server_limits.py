@@ -287,3 +287,21 @@ async def test_requests_over_the_inflight_limit_are_shed_and_probes_still_answer
         else:
             assert b"data: [DONE]" in response.content
     assert after.status_code == 200  # capacity comes back once the streams end
+
+
+def test_pipelined_requests_in_one_write_are_each_answered(start_hardened: Any) -> None:
+    server = start_hardened()
+    body = json.dumps(CHAT).encode()
+    post = b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % len(
+        body
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n" + post + body + post + body)
+        received = b""
+        while received.count(b"HTTP/1.1 200") < 3 and (part := sock.recv(65536)):
+            received += part
+        time.sleep(HEADER_TIMEOUT_S * 1.5)  # idle after the answers: keep-alive, not a timeout
+        sock.sendall(b"GET /livez HTTP/1.1\r\nHost: gw\r\n\r\n")
+        again = sock.recv(65536)
+    assert received.count(b"HTTP/1.1 200") == 3
+    assert again.startswith(b"HTTP/1.1 200")
