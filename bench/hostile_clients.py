@@ -3,8 +3,9 @@
     .venv/bin/python bench/hostile_clients.py                 # writes docs/reliability.md
     .venv/bin/python bench/hostile_clients.py --no-write --sockets 300
 
-Three processes: a slow streaming upstream (this file, `--role upstream`: Lepton's dialect, one
-chunk every 0.5 s), the gateway (`gateway serve` with its default server limits unless flags
+Three processes: a slow streaming upstream (this file, `--role upstream`: standard SSE, one
+chunk every 0.5 s, behind all four hosted providers' base URLs, so the gateway's upstream pools
+hold 4 x 256 connections), the gateway (`gateway serve` with its default server limits unless flags
 override them), and this client. The same attacks also run against the gateway as uvicorn serves
 it without the limits (`--role baseline`: uvicorn's own httptools protocol), side by side:
 
@@ -32,6 +33,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -224,10 +226,12 @@ async def streams_and_livez(url: str, streams: int) -> dict[str, Any]:
         done.set()
         await asyncio.to_thread(prober.join)
     latencies.sort()
+    others = sorted(Counter(s for s in statuses if s not in (200, 503)).items())
     return {
         "ok": statuses.count(200),
         "shed": statuses.count(503),
         "failed": len(statuses) - statuses.count(200) - statuses.count(503),
+        "failed_as": ", ".join(f"{n} x {status or 'no answer'}" for status, n in others) or "-",
         "livez_p50": statistics.median(latencies),
         "livez_p99": latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))],
         "livez_max": latencies[-1],
@@ -275,6 +279,7 @@ def render(args: argparse.Namespace, base: dict[str, Any], ours: dict[str, Any])
         (f"{args.streams} concurrent streams: served 200", "ok", "{}"),
         (f"{args.streams} concurrent streams: shed 503 + Retry-After", "shed", "{}"),
         (f"{args.streams} concurrent streams: failed otherwise", "failed", "{}"),
+        ("... as (status)", "failed_as", "{}"),
         ("/livez during them, p50 ms", "livez_p50", "{:.1f}"),
         ("/livez during them, p99 ms", "livez_p99", "{:.1f}"),
         ("/livez during them, max ms", "livez_max", "{:.1f}"),
@@ -335,6 +340,11 @@ def main() -> None:
         for name in ("baseline", "ours"):
             port = free_port()
             env = gateway_env(upstream_port, port)
+            for provider in ("novita", "openrouter", "deepinfra"):  # 4 x 256 upstream connections
+                env[f"{provider.upper()}_API_KEY"] = f"sk-bench-{provider}-0123456789"
+                env[f"{provider.upper()}_BASE_URL"] = (
+                    f"http://127.0.0.1:{upstream_port}/{provider}/v1"
+                )
             env.update(
                 SERVER_HEADER_TIMEOUT_S=str(args.header_timeout),
                 SERVER_BODY_TIMEOUT_S=str(args.body_timeout),
