@@ -305,3 +305,17 @@ def test_pipelined_requests_in_one_write_are_each_answered(start_hardened: Any) 
         again = sock.recv(65536)
     assert received.count(b"HTTP/1.1 200") == 3
     assert again.startswith(b"HTTP/1.1 200")
+
+
+def test_livez_answered_by_the_protocol_keeps_http_semantics(start_hardened: Any) -> None:
+    server = start_hardened()
+    closing = raw_exchange(
+        server.port, b"GET /livez HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n"
+    )
+    status, headers, body = error_of(closing)
+    assert (status, headers["connection"], body) == (200, "close", {"status": "ok"})
+    old = raw_exchange(server.port, b"GET /livez HTTP/1.0\r\n\r\n")
+    assert old.startswith(b"HTTP/1.1 200") and old.endswith(b'{"status":"ok"}')
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/livez", params={"verbose": "1"}).json() == {"status": "ok"}  # the app's
+        assert client.post("/livez").status_code == 405  # only GET is answered early
