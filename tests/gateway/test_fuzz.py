@@ -57,62 +57,79 @@ junk = st.recursive(
 )
 
 
-def field(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+def junky(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     """Mostly a plausible value, sometimes junk of any type."""
     return st.one_of(good, good, junk)
 
 
-content = field(
-    st.one_of(
-        odd_text,
-        st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": odd_text}), max_size=3),
+def plausible(good: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return good
+
+
+Wrap = Any  # junky or plausible
+
+
+def provider_object(field: Wrap, names: list[str]) -> st.SearchStrategy[Any]:
+    price = st.floats(0.5, 1e6)
+    return st.fixed_dictionaries(
+        {},
+        optional={
+            "order": field(st.lists(st.sampled_from([*names, "x"]))),
+            "only": field(st.lists(st.sampled_from(names), min_size=1)),
+            "ignore": field(st.lists(st.sampled_from(["lepton", "novita"]))),
+            "allow_fallbacks": field(st.booleans()),
+            "sort": field(st.sampled_from(["price", "throughput", "latency"])),
+            "max_price": field(
+                st.fixed_dictionaries({}, optional={"prompt": price, "completion": price})
+            ),
+            "require_parameters": field(st.booleans()),
+        },
     )
-)
-message = st.fixed_dictionaries(
-    {"role": field(st.sampled_from(["user", "system", "assistant", "tool", "developer"]))},
-    optional={"content": content, "name": field(odd_text), "tool_call_id": field(odd_text)},
-)
-provider = st.fixed_dictionaries(
-    {},
-    optional={
-        "order": field(st.lists(st.sampled_from(["lepton", "novita", "deepinfra", "x"]))),
-        "only": field(st.lists(st.sampled_from(["lepton", "openrouter", "nope"]), min_size=1)),
-        "ignore": field(st.lists(st.sampled_from(["lepton", "novita"]))),
-        "allow_fallbacks": field(st.booleans()),
-        "sort": field(st.sampled_from(["price", "throughput", "latency", "size"])),
-        "max_price": field(
-            st.fixed_dictionaries(
-                {}, optional={"prompt": st.floats(0.5, 1e6), "completion": st.floats(0.5, 1e6)}
+
+
+def bodies(field: Wrap) -> tuple[st.SearchStrategy[Any], st.SearchStrategy[Any]]:
+    """Chat and completion bodies whose every field goes through `field`: all plausible (odd
+    but valid values: the fakes serve them) or, with `junky`, any of them junk."""
+    real = ["lepton", "novita", "openrouter", "deepinfra"]
+    text_part = st.fixed_dictionaries({"type": st.just("text"), "text": odd_text})
+    message = st.fixed_dictionaries(
+        {
+            "role": field(st.sampled_from(["user", "system", "assistant", "developer"])),
+            "content": field(st.one_of(odd_text, st.lists(text_part, min_size=1, max_size=3))),
+        },
+        optional={"name": field(odd_text)},
+    )
+    sampling = {
+        "stream": field(st.booleans()),
+        "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
+        "max_tokens": field(st.integers(1, 64)),
+        "temperature": field(st.floats(0, 2)),
+        "top_p": field(st.floats(0, 1)),
+        "n": field(st.integers(1, 2)),
+        "stop": field(st.one_of(odd_text, st.lists(odd_text, max_size=4))),
+        "seed": field(st.integers(-(2**63), 2**63 - 1)),
+        "logit_bias": field(
+            st.dictionaries(
+                st.from_regex(r"[0-9]{1,5}", fullmatch=True), st.integers(-100, 100), max_size=3
             )
         ),
-        "require_parameters": field(st.booleans()),
-    },
-)
-sampling = {
-    "stream": field(st.booleans()),
-    "stream_options": field(st.fixed_dictionaries({"include_usage": st.booleans()})),
-    "max_tokens": field(st.one_of(st.integers(1, 64), huge_ints)),
-    "temperature": field(st.one_of(st.floats(0, 2), odd_floats)),
-    "top_p": field(odd_floats),
-    "n": field(huge_ints),
-    "stop": field(st.one_of(odd_text, st.lists(odd_text, max_size=20))),
-    "seed": field(huge_ints),
-    "logit_bias": field(st.dictionaries(odd_text, huge_ints, max_size=3)),
-    "provider": field(provider),
-    "models": field(st.lists(st.sampled_from([MODEL, "mixtral-8x22b-instruct", "nope"]))),
-    "user": field(odd_text),
-    "debug": field(st.fixed_dictionaries({"attempts": st.booleans()})),
-    "extra_junk": junk,
-}
-model = field(st.sampled_from([MODEL, "microsoft/wizardlm-2-8x22b", "nope", ""]))
-chat_body = st.fixed_dictionaries(
-    {"model": model, "messages": field(st.lists(message, min_size=1, max_size=4))},
-    optional={**sampling, "tools": junk, "tool_choice": junk, "response_format": junk},
-)
-completion_body = st.fixed_dictionaries(
-    {"model": model, "prompt": field(st.one_of(odd_text, st.lists(odd_text, max_size=3)))},
-    optional={**sampling, "echo": field(st.booleans()), "suffix": field(odd_text)},
-)
+        "provider": field(provider_object(field, real if field is plausible else [*real, "nope"])),
+        "models": field(st.lists(st.sampled_from([MODEL, "mixtral-8x22b-instruct"]), max_size=2)),
+        "user": field(odd_text),
+        "debug": field(st.fixed_dictionaries({"attempts": st.booleans()})),
+        "x_provider_specific": junk,  # unknown fields pass through
+    }
+    model = field(st.sampled_from([MODEL, "microsoft/wizardlm-2-8x22b"]))
+    extra = {} if field is plausible else {"tools": junk, "tool_choice": junk}
+    chat = st.fixed_dictionaries(
+        {"model": model, "messages": field(st.lists(message, min_size=1, max_size=4))},
+        optional={**sampling, **extra},
+    )
+    completion = st.fixed_dictionaries(
+        {"model": model, "prompt": field(st.one_of(odd_text, st.lists(odd_text, max_size=3)))},
+        optional={**sampling, "echo": field(st.booleans()), "suffix": field(odd_text)},
+    )
+    return chat, completion
 
 
 def encoded(value: Any) -> bytes:
@@ -120,14 +137,18 @@ def encoded(value: Any) -> bytes:
     return json.dumps(value).encode("utf-8", "surrogatepass")
 
 
-requests = st.one_of(
-    st.tuples(st.just("/v1/chat/completions"), chat_body.map(encoded)),
-    st.tuples(st.just("/v1/completions"), completion_body.map(encoded)),
-    st.tuples(
-        st.sampled_from(["/v1/chat/completions", "/v1/completions"]),
-        st.one_of(junk.map(encoded), st.binary(max_size=200)),
-    ),
-)
+def request_strategy() -> st.SearchStrategy[tuple[str, bytes]]:
+    paths = st.sampled_from(["/v1/chat/completions", "/v1/completions"])
+    kinds = []
+    for field in (plausible, junky):
+        chat, completion = bodies(field)
+        kinds.append(st.tuples(st.just("/v1/chat/completions"), chat.map(encoded)))
+        kinds.append(st.tuples(st.just("/v1/completions"), completion.map(encoded)))
+    kinds.append(st.tuples(paths, st.one_of(junk.map(encoded), st.binary(max_size=200))))
+    return st.one_of(kinds)
+
+
+requests = request_strategy()
 
 # -- the check ---------------------------------------------------------------------------------
 
