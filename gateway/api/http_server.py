@@ -133,7 +133,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         self._in_head = False
         self._in_body = False
         self._head_bytes = 0
-        self._header_count = 0
+        self._counting = False
+        self._head_counted = False
         self._rejection: bytes | None = None
         self._livez = False
 
@@ -158,7 +159,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, plus the head-size check on every read and the timers.
         self._unset_keepalive_if_required()
-        if self._in_head or self._idle():
+        cycle = self.cycle
+        self._counting = self._in_head or cycle is None or cycle.response_complete
+        if self._counting:
             self._head_bytes += len(data)
         try:
             self.parser.feed_data(data)
@@ -178,7 +181,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         elif self._in_body:
             self._arm("body", self.limits.body_timeout_s)
         elif self._in_head or self._idle():
-            if self._head_bytes > self.limits.max_header_bytes:
+            # An unfinished head: its bytes and fields so far (a finished one was checked exactly
+            # in on_headers_complete), so it never grows past the limits by more than one read.
+            if self._head_bytes > self.limits.max_header_bytes or (
+                self._in_head and len(self.headers) > self.limits.max_header_count
+            ):
                 self._reject_head("request line and headers")
                 self.send_400_response("")
             else:
@@ -199,21 +206,21 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._in_head = True
-        self._header_count = 0
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_header_count:
-            self._reject_head(f"more than {self.limits.max_header_count} header fields")
-            raise _HeadRejected()
-        super().on_header(name, value)
+        self._head_counted = self._counting  # every byte of this head is in _head_bytes
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
-        if size > self.limits.max_header_bytes:
-            self._reject_head("request line and headers")
+        limits = self.limits
+        if len(self.headers) > limits.max_header_count:
+            self._reject_head(f"more than {limits.max_header_count} header fields")
             raise _HeadRejected()
+        # The bytes read since the head began bound its size; count exactly only above the limit
+        # (a body in the same read) or for a head that began inside another request's read.
+        if not self._head_counted or self._head_bytes > limits.max_header_bytes:
+            size = len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+            if size > limits.max_header_bytes:
+                self._reject_head("request line and headers")
+                raise _HeadRejected()
         self._head_bytes = 0
         self._in_body = True  # until on_message_complete, which follows at once without a body
         self._disarm()
