@@ -21,7 +21,10 @@ write; a stream's events still leave as they are produced, one loop iteration la
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import logging
+import resource
 from collections import Counter
 from typing import Any
 
@@ -31,6 +34,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from gateway.api.server_limits import NEVER_SHED, ServerLimits, raw_response, shed_app
+
+log = logging.getLogger("gateway.server")
 
 # What the limits did in this process (all servers in it): /metrics shows them.
 SERVER_EVENTS: Counter[str] = Counter()
@@ -325,9 +330,37 @@ def protocol_factory(limits: ServerLimits) -> Any:
     return functools.partial(GatewayHttpProtocol, limits=limits)
 
 
+# File descriptors beyond the client connections: upstream pools (256 per provider), Redis, logs.
+FD_RESERVE = 2048
+
+
+def ensure_open_files(limits: ServerLimits) -> int:
+    """Raise this process's soft open-file limit toward what `max_connections` needs (up to the
+    hard limit) and return it. Below it, accept() fails with EMFILE before the connection limit
+    can answer 503: a warning says which setting to lower or which limit to raise."""
+    needed = limits.max_connections + FD_RESERVE
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "open-file limit %d is below server_max_connections %d + %d for upstreams: "
+            "raise `ulimit -n` or lower SERVER_MAX_CONNECTIONS",
+            soft,
+            limits.max_connections,
+            FD_RESERVE,
+        )
+    return int(soft)
+
+
 def uvicorn_options(settings: Any) -> dict[str, Any]:
-    """uvicorn.run / uvicorn.Config keyword arguments for the gateway (besides app, host, port)."""
+    """uvicorn.run / uvicorn.Config keyword arguments for the gateway (besides app, host, port);
+    raises the open-file limit the server limits need (ensure_open_files)."""
     limits = ServerLimits.from_settings(settings)
+    ensure_open_files(limits)
     return {
         "http": protocol_factory(limits),
         "timeout_keep_alive": limits.keepalive_timeout_s,

@@ -17,6 +17,9 @@
     server_max_inflight_requests    512      requests served at once per process: 503 +
                                              Retry-After (/livez, /readyz, /metrics never shed)
 
+`gateway serve` raises the process's soft open-file limit to max_connections + 2048 (up to the
+hard limit) and warns when it cannot: below it accept() fails before the 503 can be sent.
+
 A dripping client (slowloris) cannot extend the header deadline: it is set once per request and
 new bytes do not move it. Every answer here is OpenAI's error shape, so SDK clients see a
 normal API error (and retry the 503s after Retry-After).

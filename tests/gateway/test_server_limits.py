@@ -319,3 +319,25 @@ def test_livez_answered_by_the_protocol_keeps_http_semantics(start_hardened: Any
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.get("/livez", params={"verbose": "1"}).json() == {"status": "ok"}  # the app's
         assert client.post("/livez").status_code == 405  # only GET is answered early
+
+
+def test_open_file_limit_is_raised_for_the_connection_limit(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import resource
+
+    from gateway.api import http_server
+    from gateway.api.server_limits import ServerLimits
+
+    current = {"soft": 1024, "hard": 4096}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (current["soft"], current["hard"]))
+
+    def setrlimit(_: int, limits: tuple[int, int]) -> None:
+        current["soft"] = limits[0]
+
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    assert http_server.ensure_open_files(ServerLimits(max_connections=1000)) == 3048
+    assert current["soft"] == 3048 and not caplog.records
+    current["soft"] = 1024  # the hard limit caps it: a warning names the setting
+    assert http_server.ensure_open_files(ServerLimits(max_connections=4000)) == 4096
+    assert "SERVER_MAX_CONNECTIONS" in caplog.text
