@@ -2,12 +2,13 @@
 # through LOCAL_BASE_URL). docker-compose.yml builds this image and runs it beside Redis.
 FROM python:3.11-slim
 
-# The source tree under /app is what runs (it carries local_backend/formats/tokenizer_data/ and pricing.yaml).
+# The source tree under /app is what runs (it carries local_backend/formats/tokenizer_data/ and
+# pricing.yaml, the default catalog, which gateway/pricing.yaml links to; GATEWAY_CONFIG points
+# elsewhere, e.g. a mounted file).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    GATEWAY_CONFIG=/app/pricing.yaml \
     PYTHONPATH=/app
 
 WORKDIR /app
@@ -28,6 +29,7 @@ RUN pip install --no-deps . \
 
 USER gateway
 EXPOSE 8000
+# The one healthcheck (docker-compose.yml does not override it).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=5 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/livez', timeout=2)"
 CMD ["gateway", "serve", "--host", "0.0.0.0", "--port", "8000"]

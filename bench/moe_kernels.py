@@ -4,19 +4,25 @@ extrapolated to 56 layers (bench/decoder_layer.py). Writes docs/benchmarks.md.
 
     python bench/moe_kernels.py            # on a CUDA GPU: hidden 6144, inter 16384, E 8, top-2
     python bench/moe_kernels.py --tiny     # CPU smoke run at tiny shapes (labelled as such)
+    ... [--out DIR] [--no-doc] [--no-layer]  # JSON to DIR (default bench/out)
 
-Columns: median time per call (routing included), achieved bandwidth (weight bytes of the
-experts actually hit + activations, over time) as a share of the datasheet peak, and the
-speedup of the fused kernel over each baseline. Without CUDA and without --tiny it refuses:
-the figures mean nothing off a GPU.
+Columns: median time per call (routing included), eagerly and (CUDA, M <= 64, the decode
+sizes the engine captures) replayed from a CUDA graph; achieved bandwidth (bytes of the
+experts actually hit: codes + scales, plus activations, over the best of the two times) as a
+share of the datasheet peak HBM bandwidth; the speedup of the fused kernel over the torch
+path (dequantize each hit expert, then matmul). M = 1, 2, 4, 8, 16, 32, 64, 512, 4096 tokens.
+Without CUDA and without --tiny it refuses: the figures mean nothing off a GPU.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from decoder_layer import LayerResult, bench_decoder_layer, layer_table
@@ -24,6 +30,7 @@ from kernels_common import OUT, QUICK, Device, detect_device, time_ms, write_sec
 
 from local_backend.config import ModelConfig
 from local_backend.kernels import forwards
+from local_backend.kernels.moe_configs import config_dirs
 from local_backend.kernels.quant import QuantizedWeight, quantize
 from local_backend.model import MoE
 
@@ -34,11 +41,19 @@ class Shapes:
     inter: int
     experts: int = 8
     top_k: int = 2
-    tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+    tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 512, 4096)
 
 
 REAL = Shapes(6144, 16384)
-TINY = Shapes(256, 512, tokens=(1, 8, 32))
+TINY = Shapes(128, 256, tokens=(1, 8))
+GRAPH_MAX_TOKENS = 64  # decode batch sizes: the engine replays these from CUDA graphs
+TIME_BUDGET_MS = {"each": 2000.0}  # --budget-ms: wall time spent on one measurement
+
+
+def timed(fn: Callable[[], object]) -> float:
+    return time_ms(fn, budget_ms=TIME_BUDGET_MS["each"])
+
+
 FORMATS = ("bf16", "int8", "int4")
 
 
@@ -50,9 +65,14 @@ class MoERow:
     torch_ms: float
     hf_ms: float | None
     bytes_moved: int
+    graph_ms: float | None = None  # the fused layer replayed from a CUDA graph
+
+    @property
+    def best_ms(self) -> float:
+        return min(self.fused_ms, self.graph_ms or self.fused_ms)
 
     def bandwidth(self) -> float:
-        return self.bytes_moved / (self.fused_ms / 1e3)
+        return self.bytes_moved / (self.best_ms / 1e3)
 
 
 def build_moe(shapes: Shapes, fmt: str, device: torch.device, source: MoE) -> MoE:
@@ -97,10 +117,10 @@ def expert_bytes(moe: MoE) -> int:
     """Bytes of one expert's three matrices (codes + scales)."""
     total = 0
     for weight in forwards.expert_weights(moe):
-        if isinstance(weight, QuantizedWeight):
-            total += weight.nbytes
-        else:
+        if isinstance(weight, torch.Tensor):
             total += weight.numel() * weight.element_size()
+        else:  # packed codes + scales
+            total += weight.nbytes
     return total // int(moe.n_experts)
 
 
@@ -121,8 +141,24 @@ def time_three(
         assert hf is not None
         return hf(x)
 
-    hf_ms = time_ms(transformers_block) if hf is not None else None
-    return time_ms(fused), time_ms(torch_backend), hf_ms
+    hf_ms = timed(transformers_block) if hf is not None else None
+    return timed(fused), timed(torch_backend), hf_ms
+
+
+def graph_ms(moe: MoE, x: torch.Tensor) -> float | None:
+    """ms of the fused layer replayed from a CUDA graph (None off CUDA or past decode sizes)."""
+    if not torch.cuda.is_available() or x.shape[1] > GRAPH_MAX_TOKENS:
+        return None
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and settle allocations before capture
+            forwards.moe_triton(moe, x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forwards.moe_triton(moe, x)
+    return timed(graph.replay)
 
 
 def bench_moe(shapes: Shapes, device: torch.device) -> list[MoERow]:
@@ -144,6 +180,7 @@ def bench_moe(shapes: Shapes, device: torch.device) -> list[MoERow]:
             x = torch.randn(1, n_tokens, shapes.dim, device=device, dtype=torch.bfloat16)
             with torch.no_grad():
                 fused, baseline, hf_ms = time_three(moe, hf if fmt == "bf16" else None, x)
+                replayed = graph_ms(moe, x)
                 _, ids = moe.route(x[0])
             hit = int(torch.unique(ids).numel())
             activations = (
@@ -151,10 +188,14 @@ def bench_moe(shapes: Shapes, device: torch.device) -> list[MoERow]:
                 + 2 * n_tokens * shapes.top_k * (shapes.inter + shapes.dim) * 2
             )  # x in, out, intermediate written and read (bf16)
             moved = hit * per_expert + activations
-            rows.append(MoERow(fmt, n_tokens, fused, baseline, hf_ms, moved))
+            row = MoERow(fmt, n_tokens, fused, baseline, hf_ms, moved, replayed)
+            rows.append(row)
             print(
-                f"moe {fmt:5} M={n_tokens:5}: fused {fused:8.3f} ms, torch {baseline:8.3f} ms"
-                + (f", hf {hf_ms:8.3f} ms" if hf_ms is not None else ""),
+                f"moe {fmt:5} M={n_tokens:5}: fused {fused:8.3f} ms"
+                + (f" (graph {replayed:8.3f} ms)" if replayed is not None else "")
+                + f", torch {baseline:8.3f} ms"
+                + (f", hf {hf_ms:8.3f} ms" if hf_ms is not None else "")
+                + f", {row.bandwidth() / 1e9:7.1f} GB/s",
                 flush=True,
             )
         del moe
@@ -164,16 +205,18 @@ def bench_moe(shapes: Shapes, device: torch.device) -> list[MoERow]:
 def moe_table(rows: list[MoERow], device: Device) -> str:
     peak = device.peak_bandwidth
     lines = [
-        "| format | tokens | fused ms | GB/s | % of peak BW | torch ms | x torch | HF ms | x HF |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| format | tokens | fused ms | graph ms | GB/s | % of peak BW | torch ms | x torch "
+        "| HF ms | x HF |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         share = f"{100 * r.bandwidth() / peak:.0f}%" if peak else "n/a"
         hf = f"{r.hf_ms:.3f}" if r.hf_ms is not None else "-"
         vs_hf = f"{r.hf_ms / r.fused_ms:.1f}" if r.hf_ms is not None else "-"
+        graph = f"{r.graph_ms:.3f}" if r.graph_ms is not None else "-"
         lines.append(
-            f"| {r.fmt} | {r.tokens} | {r.fused_ms:.3f} | {r.bandwidth() / 1e9:.0f} | {share} | "
-            f"{r.torch_ms:.3f} | {r.torch_ms / r.fused_ms:.1f} | {hf} | {vs_hf} |"
+            f"| {r.fmt} | {r.tokens} | {r.fused_ms:.3f} | {graph} | {r.bandwidth() / 1e9:.0f} | "
+            f"{share} | {r.torch_ms:.3f} | {r.torch_ms / r.fused_ms:.1f} | {hf} | {vs_hf} |"
         )
     return "\n".join(lines)
 
@@ -182,6 +225,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="CPU smoke run at tiny shapes")
     parser.add_argument("--no-doc", action="store_true", help="do not write docs/benchmarks.md")
+    parser.add_argument("--no-layer", action="store_true", help="the MoE layer only")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of moe_kernels.json")
+    parser.add_argument("--tokens", default=None, help="comma-separated M (default: all)")
+    parser.add_argument("--budget-ms", type=float, default=2000.0, help="per measurement")
+    parser.add_argument(
+        "--configs",
+        type=Path,
+        default=None,
+        help="also read MoE launch configs from this folder (tuned elsewhere)",
+    )
     args = parser.parse_args()
     device = detect_device()
     cuda = torch.cuda.is_available()
@@ -195,19 +248,28 @@ def main() -> int:
         )
         return 0
     shapes = TINY if args.tiny else REAL
+    if args.tokens:
+        shapes = dataclasses.replace(shapes, tokens=tuple(int(m) for m in args.tokens.split(",")))
     QUICK["on"] = args.tiny
     torch_device = torch.device("cuda" if cuda else "cpu")
-    moe_rows = bench_moe(shapes, torch_device)
-    layer_rows: list[LayerResult] = [
-        bench_decoder_layer(fmt, torch_device, tiny=args.tiny) for fmt in FORMATS
-    ]
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "moe_kernels.json").write_text(
-        json.dumps({"device": device.label(), "moe": [r.__dict__ for r in moe_rows],
+    TIME_BUDGET_MS["each"] = args.budget_ms
+    with config_dirs(*([args.configs] if args.configs else [])):
+        moe_rows = bench_moe(shapes, torch_device)
+    layer_rows: list[LayerResult] = (
+        [] if args.no_layer else [bench_decoder_layer(f, torch_device, args.tiny) for f in FORMATS]
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "moe_kernels.json").write_text(
+        json.dumps({"device": device.label(), "peak_bandwidth": device.peak_bandwidth,
+                    "moe": [{**r.__dict__, "bandwidth": r.bandwidth(),
+                             "share_of_peak": r.bandwidth() / device.peak_bandwidth
+                             if device.peak_bandwidth else None} for r in moe_rows],
                     "layer": [r.__dict__ for r in layer_rows]}, indent=1)
     )  # fmt: skip
+    print(f"wrote {args.out / 'moe_kernels.json'}")
     note = (
-        "**CPU smoke run at tiny shapes** (dim 256, inter 512, the `small` preset's decoder "
+        f"**CPU smoke run at tiny shapes** (dim {shapes.dim}, inter {shapes.inter}, the `small` "
+        "preset's decoder "
         "layer; triton through its interpreter; one call each, no warm-up): these "
         "timings say nothing about GPUs, they only show the script runs end to end. **The "
         "8x22B GPU figures are owed**: run `make bench-kernels` on an H100 / H200."
@@ -222,14 +284,17 @@ def main() -> int:
         "",
         f"Device: {device.label()}{copy}. {note}",
         "",
-        "MoE layer, routing included. `torch` is the torch backend (the model's expert loop for "
-        "bf16, the dequantizing reference for int8/int4); `HF` is transformers' "
-        "MixtralSparseMoeBlock (bf16 only). Bandwidth counts the weight bytes of the experts "
-        "actually hit plus activations.",
+        "MoE layer, routing included. `fused` is the Triton path (int8/int4: the packed "
+        "kernels with the launch of local_backend/kernels/configs/ for this device, else the "
+        "heuristic); `graph` the same replayed from a CUDA graph (M <= 64, as the engine "
+        "decodes). `torch` is the torch backend (the model's expert loop for bf16, dequantize "
+        "each hit expert then matmul for int8/int4); `HF` is transformers' "
+        "MixtralSparseMoeBlock (bf16 only). Bandwidth: bytes of the experts actually hit "
+        "(codes + scales) plus activations, over the better of fused and graph.",
         "",
         moe_table(moe_rows, device),
         "",
-        layer_table(layer_rows, device),
+        layer_table(layer_rows, device) if layer_rows else "(decoder layer not run)",
     ])  # fmt: skip
     if not args.no_doc:
         write_section("moe", body)

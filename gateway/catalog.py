@@ -8,6 +8,7 @@ file's truth.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -209,16 +210,37 @@ def build_catalog(data: Any, source: str = "pricing.yaml") -> Catalog:
 
 
 def load_catalog(path: Path | str) -> Catalog:
+    """Every way the file can be wrong is one line naming the file and the problem."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise CatalogError(f"{path}: cannot read the catalog: {exc.strerror}") from None
     try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CatalogError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise CatalogError(f"{path}: not valid YAML: {exc}") from None
+        raise CatalogError(f"{path}: not valid YAML: {_yaml_problem(exc)}") from None
+    if data is None:
+        raise CatalogError(f"{path}: the file is empty (expected `providers:` and `models:`)")
+    if not isinstance(data, dict):
+        kind = type(data).__name__
+        raise CatalogError(f"{path}: the top level must be a mapping, not a {kind}")
     return build_catalog(data, source=str(path))
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's multi-line message as one line: the problem and where (1-based)."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem and mark is not None:
+        return f"{problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
 
 
 def with_local_backend(
@@ -265,9 +287,23 @@ def with_local_backend(
 def load_configured_catalog(settings: Settings) -> Catalog:
     """pricing.yaml as this deployment runs it: the file, plus the local backend's settings."""
     local = settings.local_model_dir is not None or settings.local_base_url is not None
+    context = settings.local_max_seq_len if local else None
+    if context is not None and settings.local_model_dir is not None:
+        # the in-process backend clamps to its model's context: route with the same figure
+        context = min(context, _model_context(settings.local_model_dir) or context)
     return with_local_backend(
         load_catalog(settings.gateway_config),
-        context=settings.local_max_seq_len if local else None,
+        context=context,
         gpu_cost_per_hour=settings.local_gpu_cost_per_hour,
         tokens_per_s=settings.local_tokens_per_s,
     )
+
+
+def _model_context(model_dir: Path) -> int | None:
+    """max_position_embeddings of a Hugging Face folder's config.json (None if unreadable:
+    the backend's own load reports that)."""
+    try:
+        value = json.loads((Path(model_dir) / "config.json").read_text())["max_position_embeddings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None

@@ -6,7 +6,8 @@
     ├── AuthenticationFailed    401   missing or unknown client key / admin token
     ├── ModelNotFound           404   no such model or alias in the catalog
     ├── PayloadTooLarge         413   request body over the configured limit
-    ├── RateLimited             429   a capacity-limited route or the gateway itself is full
+    ├── RateLimited             429   a client's own limit or budget (quotas.py), or
+    │   └── UpstreamsRateLimited  429 every attempt on every route ended in an upstream 429
     ├── NoEligibleRoute         503   every route was filtered out; `skipped` says why, per route
     ├── AllRoutesFailed         502   every attempt on every candidate failed; `attempts` trail
     └── StreamInterrupted       502   the upstream failed after the answer started streaming:
@@ -21,6 +22,7 @@ URLs: `redact()` (also from providers/errors.py) scrubs anything that slips thro
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi.responses import JSONResponse
@@ -52,6 +54,7 @@ __all__ = [
     "UpstreamHTTPError",
     "UpstreamProtocolError",
     "UpstreamTimeout",
+    "UpstreamsRateLimited",
     "redact",
     "render_error",
     "stream_error_event",
@@ -120,7 +123,23 @@ class RateLimited(GatewayError):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        return {"retry-after": str(max(1, round(self.retry_after)))}
+        # whole seconds, rounded up: a client that waits what we say is never early
+        return {"retry-after": str(max(1, math.ceil(self.retry_after)))}
+
+
+class UpstreamsRateLimited(RateLimited):
+    """Every route said 429: the client should wait the smallest Retry-After, not see a 502."""
+
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float | None, attempts: list[dict]):
+        super().__init__(message, retry_after=retry_after)
+        self.attempts = attempts
+
+    def body(self) -> dict[str, Any]:
+        body = super().body()
+        body["error"]["attempts"] = self.attempts
+        return body
 
 
 class NoEligibleRoute(GatewayError):

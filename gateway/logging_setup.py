@@ -1,6 +1,11 @@
-"""The gateway's logging: one format, and every record scrubbed of secrets before it is written.
+"""The gateway's logging: text or JSON lines, and every record scrubbed of secrets.
 
-    configure_logging(settings.log_level, settings.secrets())   # create_app's lifespan
+    configure_logging(settings.log_level, settings.secrets(), settings.log_format)  # lifespan
+    log_event(log, logging.WARNING, "upstream_attempt_failed", route=..., status=401, ...)
+
+`log_event` writes one structured line: as text, `event key=value ...`; as JSON (`LOG_FORMAT=
+json`), one object per line with `ts`, `level`, `logger`, `event`, the fields, and `msg`. With
+JSON every handler of the root and uvicorn loggers (access lines included) writes JSON.
 
 `RedactingFilter` applies `errors.redact` with the configured secrets (provider keys, client
 keys, admin token) plus the credential patterns to a record's message and traceback text. It
@@ -17,8 +22,10 @@ so a decoded newline can never forge a log line).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import time
 from typing import Any
 from urllib.parse import quote, unquote, unquote_plus
 
@@ -141,12 +148,53 @@ def install_redaction(secrets: tuple[str, ...]) -> None:
                 handler.addFilter(_FILTER)
 
 
-def configure_logging(level: str, secrets: tuple[str, ...]) -> None:
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; the whole line is redacted once more before it leaves."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        event = getattr(record, "event", None)
+        if event is not None:
+            data["event"] = event
+            data.update(getattr(record, "fields", {}))
+        data["msg"] = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        if record.exc_text:
+            data["exc"] = record.exc_text
+        return scrub(json.dumps(data, default=str, ensure_ascii=False), tuple(_SECRETS))
+
+
+def _text(value: Any) -> str:
+    text = str(value)
+    return json.dumps(text) if (" " in text or not text) else text
+
+
+def log_event(logger: logging.Logger, level: int, event: str, **fields: Any) -> None:
+    """One structured line: `event k=v ...` as text, the fields as keys in JSON."""
+    if not logger.isEnabledFor(level):
+        return
+    present = {k: v for k, v in fields.items() if v is not None}
+    text = " ".join([event, *(f"{k}={_text(v)}" for k, v in present.items())])
+    logger.log(level, "%s", text, extra={"event": event, "fields": present})
+
+
+def configure_logging(level: str, secrets: tuple[str, ...], log_format: str = "text") -> None:
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter(_FORMAT))
-        root.addHandler(handler)
+        stream = logging.StreamHandler()
+        stream.setFormatter(logging.Formatter(_FORMAT))
+        root.addHandler(stream)
+    if log_format == "json":
+        formatter = JsonFormatter()
+        for name in _LOGGERS:
+            for handler in logging.getLogger(name).handlers:
+                handler.setFormatter(formatter)
     for name in ("gateway", "providers"):
-        logging.getLogger(name).setLevel(level.upper())
+        logging.getLogger(name).setLevel("DEBUG" if level.lower() == "trace" else level.upper())
     install_redaction(secrets)

@@ -3,8 +3,10 @@
     book = PriceBook(catalog, redis_url=settings.redis_url, prefix=settings.stats_prefix)
     await book.start()                      # first load + background refresh (Redis only)
     book.effective(route) -> (input, output)   # USD per 1M tokens; a dict lookup, never I/O
+    book.measured = LocalPriceFeed(...).price  # run-time measured prices (gateway/local_price.py)
     await book.set(route_id, 0.40, 0.45)    # the admin page; visible here before it returns
     await book.clear(route_id)
+    await book.history()                    # who changed which price when, newest first
 
 Without Redis the overrides live in this process only. With Redis they live in one hash,
 `<prefix>prices` (field = route id, value = JSON {"input", "output", "set_at"}), so every gateway
@@ -12,6 +14,8 @@ replica sees them: a replica's own changes are visible locally at once, the othe
 next background refresh (`refresh_interval_s`). The request path only ever reads the local dict.
 A write goes to Redis first and is applied locally only when Redis took it, so a replica never
 serves a price the others will not see; a failed write raises `PriceStoreUnavailable`.
+Each change is also pushed, in the same MULTI, to a capped list `<prefix>prices:history`
+(route, set/clear, the prices, who, when), so the dashboard shows every replica's changes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import json
 import logging
 import math
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -34,6 +40,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_PRICE_PER_M = 1_000.0  # USD per 1M tokens; anything above is a typo, not a price
+HISTORY_SIZE = 200  # price changes kept (a capped Redis list with Redis, else in memory)
 
 
 class PriceStoreUnavailable(GatewayError):
@@ -51,6 +58,46 @@ class PriceOverride:
 
     def to_json(self) -> str:
         return json.dumps({"input": self.input, "output": self.output, "set_at": self.set_at})
+
+
+@dataclass(frozen=True, slots=True)
+class PriceChange:
+    """One entry of the price history: who set or cleared which route's price, and when."""
+
+    route_id: str
+    action: str  # "set" | "clear" (back to the catalog price, given as input/output)
+    input: float
+    output: float
+    by: str  # the admin's name from the session, or "api" for a bearer-token call
+    at: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "route_id": self.route_id,
+            "action": self.action,
+            "input": self.input,
+            "output": self.output,
+            "by": self.by,
+            "at": self.at,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict())
+
+    @classmethod
+    def parse(cls, raw: Any) -> PriceChange | None:
+        try:
+            d = json.loads(raw)
+            return cls(
+                str(d["route_id"]),
+                str(d["action"]),
+                float(d["input"]),
+                float(d["output"]),
+                str(d["by"]),
+                float(d["at"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return None
 
 
 def _check_price(name: str, value: object) -> float:
@@ -80,6 +127,8 @@ class PriceBook:
         self._overrides: dict[str, PriceOverride] = {}
         self._redis_url = redis_url
         self._key = f"{prefix}prices"
+        self._history_key = f"{prefix}prices:history"
+        self._history: deque[PriceChange] = deque(maxlen=HISTORY_SIZE)
         self._refresh_interval_s = refresh_interval_s
         self._redis: Redis | None = None
         self._task: asyncio.Task[None] | None = None
@@ -87,6 +136,9 @@ class PriceBook:
         # overwrite it with the older Redis snapshot it read.
         self._version = 0
         self._refresh_failing = False
+        # Prices measured at run time (the local route's, gateway/local_price.py): below an
+        # admin override, above the catalog. None for a route without one.
+        self.measured: Callable[[Route], tuple[float, float] | None] | None = None
 
     @property
     def shared(self) -> bool:
@@ -98,6 +150,8 @@ class PriceBook:
     def effective(self, route: Route) -> tuple[float, float]:
         override = self._overrides.get(route.id)
         if override is None:
+            if self.measured is not None and (measured := self.measured(route)) is not None:
+                return measured
             return route.input_price, route.output_price
         return override.input, override.output
 
@@ -111,7 +165,9 @@ class PriceBook:
             raise InvalidRequest(f"unknown route {route_id!r}", param="route_id")
         return route_id
 
-    async def set(self, route_id: object, input: object, output: object) -> PriceOverride:
+    async def set(
+        self, route_id: object, input: object, output: object, *, by: str = "api"
+    ) -> PriceOverride:
         route_id = self._check_route(route_id)
         override = PriceOverride(
             route_id=route_id,
@@ -119,25 +175,51 @@ class PriceBook:
             output=_check_price("output", output),
             set_at=time.time(),
         )
+        change = PriceChange(route_id, "set", override.input, override.output, by, override.set_at)
         if self._redis_url is not None:
-            await self._redis_call("hset", self._key, route_id, override.to_json())
+            await self._redis_write("hset", (self._key, route_id, override.to_json()), change)
         self._version += 1
         self._overrides = {**self._overrides, route_id: override}
+        self._history.appendleft(change)
         return override
 
-    async def clear(self, route_id: object) -> bool:
+    async def clear(self, route_id: object, *, by: str = "api") -> bool:
         """Back to the catalog price; False when the route had no override."""
         route_id = self._check_route(route_id)
+        route = self._routes[route_id]
+        change = PriceChange(
+            route_id, "clear", route.input_price, route.output_price, by, time.time()
+        )
         if self._redis_url is not None:
-            await self._redis_call("hdel", self._key, route_id)
+            await self._redis_write("hdel", (self._key, route_id), change)
         self._version += 1
         had = route_id in self._overrides
         self._overrides = {k: v for k, v in self._overrides.items() if k != route_id}
+        self._history.appendleft(change)
         return had
 
-    async def _redis_call(self, method: str, *args: Any) -> Any:
+    async def history(self, limit: int = 50) -> dict[str, Any]:
+        """The latest price changes, newest first: {"changes": [...], "shared": bool} (every
+        replica's through Redis; this process's when Redis is unreachable or not configured)."""
+        limit = max(1, min(limit, HISTORY_SIZE))
+        if self._redis_url is not None:
+            try:
+                raw = await self._client().lrange(self._history_key, 0, limit - 1)
+                changes = [c for c in (PriceChange.parse(item) for item in raw) if c is not None]
+                return {"changes": [c.as_dict() for c in changes], "shared": True}
+            except Exception as exc:
+                log.warning("price store: history read failed: %s", type(exc).__name__)
+        local = list(self._history)[:limit]
+        return {"changes": [c.as_dict() for c in local], "shared": False}
+
+    async def _redis_write(self, method: str, args: tuple[Any, ...], change: PriceChange) -> None:
+        """The override and its history entry in one round trip (MULTI: both or neither)."""
         try:
-            return await getattr(self._client(), method)(*args)
+            pipe = self._client().pipeline(transaction=True)
+            getattr(pipe, method)(*args)
+            pipe.lpush(self._history_key, change.to_json())
+            pipe.ltrim(self._history_key, 0, HISTORY_SIZE - 1)
+            await pipe.execute()
         except Exception as exc:  # any Redis failure: the override was not stored anywhere
             log.warning("price store: %s failed: %s", method, type(exc).__name__)
             raise PriceStoreUnavailable(

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from gateway.catalog import Catalog, ProviderSpec
 from providers.base import Provider
 from providers.local import InProcessLocalProvider
+from providers.local_http import HttpLocalProvider
 from providers.openai_compat import OpenAICompatProvider
 
 if TYPE_CHECKING:
@@ -82,6 +83,15 @@ def local_route_model(catalog: Catalog) -> tuple[str, str]:
     raise ValueError(f"{catalog.source}: no model has a route on a local provider")
 
 
+def local_route_names(catalog: Catalog) -> tuple[str, ...]:
+    """The catalog id and aliases of the model the local route serves (the backend answers to
+    each, so no name a client may use reaches it as an unknown model)."""
+    for model in catalog.models.values():
+        if any(route.kind == "local" for route in model.routes):
+            return (model.id, *model.aliases)
+    return ()
+
+
 def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
     """In-process when LOCAL_MODEL_DIR is set, else our backend's server at LOCAL_BASE_URL."""
     name = next(n for n, spec in catalog.providers.items() if spec.kind == "local")
@@ -97,7 +107,8 @@ def build_local_provider(settings: Settings, catalog: Catalog) -> Provider:
             max_slots=settings.local_max_slots,
             max_seq_len=settings.local_max_seq_len,
             queue_size=settings.local_queue_size,
+            aliases=local_route_names(catalog),
         )
     assert settings.local_base_url is not None
     key = settings.provider_key("local") or "local"
-    return OpenAICompatProvider(name, settings.local_base_url, key)
+    return HttpLocalProvider(name, settings.local_base_url, key)

@@ -6,16 +6,44 @@ set) and `<PROVIDER>_BASE_URL` (overrides pricing.yaml's base URL; tests point i
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from providers.base import PhaseTimeouts
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "pricing.yaml"
+# Shipped inside the package (package data): `pip install .` then `gateway routes` works.
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "pricing.yaml"
 HOSTED_PROVIDERS = ("lepton", "novita", "openrouter", "deepinfra")
+
+
+_KEY_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
+
+class ClientLimit(BaseModel):
+    """One client's limits (None: unlimited). Enforced across replicas through Redis."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    requests_per_min: int | None = Field(None, ge=1)
+    tokens_per_min: int | None = Field(None, ge=1)
+    daily_budget_usd: float | None = Field(None, gt=0)
+
+    @property
+    def unlimited(self) -> bool:
+        return (self.requests_per_min, self.tokens_per_min, self.daily_budget_usd) == (None,) * 3
+
+
+def split_client_key(entry: str) -> tuple[str | None, str]:
+    """`name:key` -> (name, key); a plain `key` (the old form) -> (None, key)."""
+    name, sep, key = entry.partition(":")
+    if sep and key and _KEY_NAME.fullmatch(name):
+        return name, key
+    return None, entry
 
 
 class Settings(BaseSettings):
@@ -27,9 +55,16 @@ class Settings(BaseSettings):
     stats_prefix: str = "moegw:"
     stats_flush_interval_s: float = 0.5
     stats_max_pending: int = 100_000
+    request_log_size: int = Field(500, ge=0, le=100_000)  # the dashboard's log; 0 = off
 
-    # who may call (no client keys = an open gateway)
+    # who may call (no client keys = an open gateway); entries `name:key` or a plain `key`
     gateway_api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    # per-client limits (requests/min, tokens/min, USD per UTC day): the defaults for every
+    # client, and overrides by key name as JSON, e.g. {"alice": {"daily_budget_usd": 5}}
+    client_requests_per_min: int | None = Field(None, ge=1)
+    client_tokens_per_min: int | None = Field(None, ge=1)
+    client_daily_budget_usd: float | None = Field(None, gt=0)
+    client_limits: Annotated[dict[str, ClientLimit], NoDecode] = Field(default_factory=dict)
     gateway_admin_token: SecretStr | None = None  # absent = /admin disabled
     # origins (https://gw.example.com) besides the Host header that may change admin state
     gateway_admin_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
@@ -73,8 +108,9 @@ class Settings(BaseSettings):
 
     # serving
     host: str = "127.0.0.1"
-    port: int = 8000
-    log_level: str = "info"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    log_format: Literal["text", "json"] = "text"  # json: one object per line
     # what one process lets clients hold (gateway/api/server_limits.py documents each answer)
     server_header_timeout_s: float = Field(10.0, gt=0)  # request line + headers, from the start
     server_body_timeout_s: float = Field(30.0, gt=0)  # the body, from the end of the headers
@@ -100,6 +136,40 @@ class Settings(BaseSettings):
             return [k.strip() for k in value.split(",") if k.strip()]
         return value
 
+    @field_validator("client_limits", mode="before")
+    @classmethod
+    def _json_limits(cls, value: object) -> object:
+        if isinstance(value, str):
+            try:
+                return json.loads(value)
+            except ValueError:
+                raise ValueError("must be a JSON object: key name -> limits") from None
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+    @property
+    def default_client_limit(self) -> ClientLimit:
+        """Every client's limits unless CLIENT_LIMITS names it."""
+        return ClientLimit(
+            requests_per_min=self.client_requests_per_min,
+            tokens_per_min=self.client_tokens_per_min,
+            daily_budget_usd=self.client_daily_budget_usd,
+        )
+
+    def limit_for(self, client: str) -> ClientLimit:
+        """The limits of a client (its key name, or key id for an unnamed key)."""
+        return self.client_limits.get(client) or self.default_client_limit
+
+    @property
+    def limits_configured(self) -> bool:
+        return not self.default_client_limit.unlimited or any(
+            not limit.unlimited for limit in self.client_limits.values()
+        )
+
     def provider_key(self, provider: str) -> str | None:
         secret = getattr(self, f"{provider}_api_key", None)
         return secret.get_secret_value() if secret else None
@@ -120,7 +190,7 @@ class Settings(BaseSettings):
 
     def secrets(self) -> tuple[str, ...]:
         """Every configured secret, for log/response redaction."""
-        values = [k.get_secret_value() for k in self.gateway_api_keys]
+        values = [split_client_key(k.get_secret_value())[1] for k in self.gateway_api_keys]
         for name in (*HOSTED_PROVIDERS, "local"):
             key = self.provider_key(name)
             if key:

@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import logging
 import threading
+import time
 from collections import defaultdict, deque
 from typing import Any
 
@@ -43,6 +44,7 @@ from local_backend.generation import (
 )
 from local_backend.kv_cache import KVCache
 from local_backend.scheduler import Scheduler
+from local_backend.telemetry import EngineTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,8 @@ class _RequestState:
         self.cancelled = False
         self.unfinished = request.n
         self.completion_tokens = 0
+        self.submitted_at = time.perf_counter()
+        self.last_token_at: float | None = None  # for TTFT, then the gaps between tokens
 
     def deliver(self, items: list[_StreamItem]) -> bool:
         """Called from the engine thread; False when the consumer's loop is gone."""
@@ -153,6 +157,7 @@ class Engine:
             self.max_seq_len,
             device=param.device,
             dtype=cache_dtype or (param.dtype if param.is_floating_point() else torch.bfloat16),
+            kv_heads=getattr(model, "cache_kv_heads", None),  # a rank's share (parallel.py)
         )
         self._scheduler = Scheduler(
             model,
@@ -170,6 +175,7 @@ class Engine:
         self._active: list[_RequestState] = []
         self._active_slots = 0
         self._stats = EngineStats()
+        self.telemetry = EngineTelemetry()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -212,9 +218,9 @@ class Engine:
     def running(self) -> bool:
         return self._thread is not None
 
-    @property
-    def queue_depth(self) -> int:
-        return len(self._waiting)
+    def kv_cache_use(self) -> tuple[int, int]:
+        """(tokens cached now, tokens the cache holds): the KV cache's fill."""
+        return self._scheduler.cached_tokens, self.max_slots * self.max_seq_len
 
     def capacity(self) -> EngineCapacity:
         with self._cond:
@@ -299,12 +305,22 @@ class Engine:
     # -- the engine thread ------------------------------------------------------------------
 
     def _cancel(self, state: _RequestState) -> None:
+        """The consumer left: a queued request leaves now, a running one before the next step."""
         with self._cond:
+            if state.cancelled or (state not in self._waiting and state not in self._active):
+                return  # already finished, failed or cancelled
             state.cancelled = True
             if state in self._waiting:
                 self._waiting.remove(state)
-                self._stats.requests_cancelled += 1
+                self._count_cancel(state, "queued", 0)
             self._cond.notify_all()
+
+    def _count_cancel(self, state: _RequestState, where: str, freed: int) -> None:
+        self._stats.requests_cancelled += 1
+        self.telemetry.record_cancel(where)
+        log.info(
+            "request %s cancelled while %s: %d slots freed", state.request.request_id, where, freed
+        )
 
     def _run(self) -> None:
         with torch.inference_mode():
@@ -320,7 +336,9 @@ class Engine:
                     continue
                 self._stats.steps += 1
                 try:
-                    self._dispatch(self._scheduler.step())
+                    outputs = self._scheduler.step()
+                    self.telemetry.record_step(self._scheduler.last_step)
+                    self._dispatch(outputs)
                 except Exception:  # the thread must survive: fail what ran, keep serving
                     log.exception("engine step failed; aborting the running requests")
                     self._fail_active(EngineFailure("the model step failed; request aborted"))
@@ -328,8 +346,9 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for state in [s for s in self._active if s.cancelled]:
             self._active.remove(state)
-            self._active_slots -= self._scheduler.remove(state)
-            self._stats.requests_cancelled += 1
+            freed = self._scheduler.remove(state)
+            self._active_slots -= freed
+            self._count_cancel(state, "running", freed)
 
     def _admit(self) -> None:
         # First come, first served: a request waits until all its n sequences fit, and the
@@ -343,6 +362,13 @@ class Engine:
 
     def _dispatch(self, outputs: list[Any]) -> None:
         per_request: dict[_RequestState, list[_StreamItem]] = defaultdict(list)
+        now = time.perf_counter()
+        for owner in dict.fromkeys(out.owner for out in outputs):
+            if owner.last_token_at is None:
+                self.telemetry.record_first_token(now - owner.submitted_at)
+            else:
+                self.telemetry.record_token_gap(now - owner.last_token_at)
+            owner.last_token_at = now
         for out in outputs:
             state: _RequestState = out.owner
             per_request[state].append(out.delta)

@@ -31,6 +31,7 @@ class KVCache:
         max_seq_len: int,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
+        kv_heads: int | None = None,  # this rank's share over several ranks (parallel.py)
     ) -> None:
         if max_slots <= 0:
             raise ValueError(f"max_slots must be positive, got {max_slots}")
@@ -42,7 +43,8 @@ class KVCache:
         self.config = config
         self.max_slots = max_slots
         self.max_seq_len = max_seq_len
-        shape = (config.n_layers, max_slots, max_seq_len, config.n_kv_heads, config.head_dim)
+        heads = config.n_kv_heads if kv_heads is None else kv_heads
+        shape = (config.n_layers, max_slots, max_seq_len, heads, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, P, H, D]
         self.v = torch.zeros(shape, device=device, dtype=dtype)  # [L, S, P, H, D]
         self._free = list(range(max_slots))  # kept sorted: allocate() hands out the lowest

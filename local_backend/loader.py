@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,6 +24,7 @@ import torch
 from local_backend import memory_plan
 from local_backend.config import ModelConfig
 from local_backend.engine import Engine
+from local_backend.load_progress import LoadProgress
 from local_backend.model import Transformer
 from local_backend.openai_api import OpenAIService
 from local_backend.tokenizer import Tokenizer
@@ -49,8 +51,10 @@ def plan_memory(
     max_seq_len: int,
     max_slots: int,
     tokens_per_step: int = 2048,
+    ranks: int = 1,
 ) -> memory_plan.MemoryPlan:
-    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width."""
+    """memory_plan's unquantized plan, with weights and KV cache scaled to `dtype`'s width
+    (one rank's share with `ranks`)."""
     base = memory_plan.plan(
         config,
         device if isinstance(device, int) else torch.device(device),
@@ -58,6 +62,7 @@ def plan_memory(
         max_seq_len=max_seq_len,
         max_slots=max_slots,
         tokens_per_step=tokens_per_step,
+        ranks=ranks,
     )
     width = torch.empty((), dtype=dtype).element_size()
     return dataclasses.replace(
@@ -95,6 +100,7 @@ def load_model(
     weight_format: str | None = None,
     kernel_backend: str | None = None,
     prefill_token_budget: int = 2048,
+    progress: bool | LoadProgress = True,
 ) -> Transformer:
     """Plan, then load; raises memory_plan.DoesNotFitError before reading any weights."""
     device = torch.device(device)
@@ -104,7 +110,7 @@ def load_model(
 
         model, plan = load_quantized(
             model_dir, device, fmt=weight_format, backend=kernel_backend, dtype=dtype,
-            progress=False, tokens_per_step=prefill_token_budget, **sizes,
+            progress=progress, tokens_per_step=prefill_token_budget, **sizes,
         )  # fmt: skip
         log.info("memory plan: %s", plan.reason)
         return model
@@ -116,7 +122,7 @@ def load_model(
     log.info("memory plan: %s", plan.reason)
     if not plan.fits:
         raise memory_plan.DoesNotFitError(plan.reason)
-    model = Transformer.from_model_dir(model_dir, device=device, dtype=dtype, progress=False)
+    model = Transformer.from_model_dir(model_dir, device=device, dtype=dtype, progress=progress)
     return install(model, backend)
 
 
@@ -132,17 +138,27 @@ def load_service(
     weight_format: str | None = None,
     kernel_backend: str | None = None,
     chat_format: str | None = None,
+    model_loader: Callable[..., torch.nn.Module] | None = None,
+    aliases: tuple[str, ...] = (),
+    progress: bool | LoadProgress = True,
 ) -> OpenAIService:
-    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI."""
+    """Load model and tokenizer from `model_dir`, start an Engine, wrap it for OpenAI.
+
+    A `max_seq_len` beyond the model's context is clamped to it (with a warning): the
+    gateway's LOCAL_MAX_SEQ_LEN default must not refuse a model with a shorter context.
+    `aliases` are further model names the service answers to (the catalog's ids).
+    `model_loader` replaces load_model (same arguments but `progress`), e.g. rank 0's shard of
+    a model over several GPUs (parallel_serve.RankLaunch.load_leader_model)."""
     model_dir = Path(model_dir)
     device = torch.device(device or default_device())
     dtype = dtype or default_dtype(device)
     config = ModelConfig.from_model_dir(model_dir)
     seq_len = min(max_seq_len or DEFAULT_MAX_SEQ_LEN, config.max_seq_len)
     if max_seq_len and max_seq_len > config.max_seq_len:
-        raise ValueError(
-            f"max_seq_len {max_seq_len} exceeds the model's context ({config.max_seq_len})"
-        )
+        log.warning(
+            "max_seq_len %d exceeds the model's context; serving %d tokens per sequence",
+            max_seq_len, config.max_seq_len,
+        )  # fmt: skip
     name = model_name or model_dir.name
     tokenizer = load_tokenizer(model_dir, chat_format or name)
     if tokenizer.vocab_size > config.vocab_size:
@@ -150,9 +166,17 @@ def load_service(
             f"the tokenizer ({tokenizer.source}) has {tokenizer.vocab_size} tokens but the "
             f"model only {config.vocab_size}"
         )
-    model = load_model(model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend)
+    if model_loader is not None:
+        model = model_loader(
+            model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend
+        )
+    else:
+        model = load_model(
+            model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend,
+            progress=progress,
+        )  # fmt: skip
     engine = Engine(
         model, tokenizer, model.config, max_slots=max_slots, max_seq_len=seq_len,
         queue_size=queue_size,
     ).start()  # fmt: skip
-    return OpenAIService(engine, model_name=name, chat_format=chat_format)
+    return OpenAIService(engine, model_name=name, aliases=aliases, chat_format=chat_format)

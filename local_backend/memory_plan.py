@@ -4,11 +4,11 @@ Public API:
 
     FORMATS                     named WeightFormats (below)
     DEVICE_MEMORY               bytes of the GPUs we plan for, as nvidia-smi reports them
-    weight_bytes(config, fmt)   bytes of every parameter stored in that format
-    kv_cache_bytes(config, max_seq_len, max_slots)
-    workspace_bytes(config, fmt, max_seq_len, max_slots, tokens_per_step)
-    plan(config, device_memory, weight_format, ...) -> MemoryPlan (fits or not, and why)
-    choose_format(config, device_memory, ...) -> MemoryPlan of the widest format that fits
+    weight_bytes(config, fmt, ranks=1)   bytes of every parameter (one rank's) in that format
+    kv_cache_bytes(config, max_seq_len, max_slots, ranks=1)
+    workspace_bytes(config, fmt, max_seq_len, max_slots, tokens_per_step, ranks=1)
+    plan(config, device_memory, weight_format, ..., ranks=1) -> MemoryPlan (fits or not, and why)
+    choose_format(config, device_memory, ..., ranks=1) -> MemoryPlan of the widest that fits
     decode_tokens_per_s_bound(config, fmt, bandwidth) -> batch-1 speed limit from bandwidth
     DoesNotFitError             choose_format found nothing that fits
 
@@ -32,6 +32,13 @@ Every number is computed from the ModelConfig. Assumptions, stated once:
   row's keys/values read back and expanded to all query heads) plus, for quantized formats,
   one expert's three matrices dequantized to bf16. Fused kernels need less: an upper bound.
 - Reserve: the CUDA context, cuBLAS workspaces and allocator fragmentation, 1 GiB unless told.
+- Several ranks (`ranks` = W GPUs, parallel.py): every number is one rank's, planned against
+  one GPU's memory. A rank holds E/W experts and H/W query heads, K/W kv heads of attention
+  (wq/wk/wv split by rows, wo by columns, each part quantized on its own: int8 scales per
+  row, int4 groups within a row), and a whole copy of the router, norms, embeddings and output
+  head; its KV cache holds its K/W kv heads. Its workspace has 1/W of the attention
+  activations; the routed-expert and logits terms stay whole (all of a step's tokens may pick
+  this rank's experts; the output head is replicated).
 """
 
 from __future__ import annotations
@@ -121,14 +128,25 @@ def device_memory_bytes(device: int | str | torch.device) -> int:
 # -- the three parts --------------------------------------------------------------------------
 
 
-def weight_bytes(config: ModelConfig, fmt: str | WeightFormat) -> int:
-    """Bytes of all parameters (what the device holds once the model is loaded)."""
+def _check_ranks(config: ModelConfig, ranks: int) -> None:
+    uneven = [n for n in (config.n_heads, config.n_kv_heads, config.n_experts) if n % ranks]
+    if ranks < 1 or uneven:
+        raise ValueError(
+            f"{config.name}: heads, kv heads and experts must split evenly over {ranks} ranks"
+        )
+
+
+def weight_bytes(config: ModelConfig, fmt: str | WeightFormat, ranks: int = 1) -> int:
+    """Bytes of all parameters (what the device holds once the model is loaded); with
+    `ranks`, what one rank holds (see the module docstring)."""
+    _check_ranks(config, ranks)
     f = get_format(fmt)
     D, I, E = config.dim, config.intermediate, config.n_experts
-    experts = E * (2 * f.matrix_bytes(I, D) + f.matrix_bytes(D, I))  # w1, w3 [I, D]; w2 [D, I]
+    q_dim, kv_dim = config.q_dim // ranks, config.kv_dim // ranks  # this rank's heads
+    experts = E // ranks * (2 * f.matrix_bytes(I, D) + f.matrix_bytes(D, I))  # w1, w3; w2
     q_att = f.quantize_attention
-    attention = 2 * f.matrix_bytes(config.q_dim, D, q_att)  # wq [q_dim, D], wo [D, q_dim]
-    attention += 2 * f.matrix_bytes(config.kv_dim, D, q_att)  # wk, wv [kv_dim, D]
+    attention = f.matrix_bytes(q_dim, D, q_att) + f.matrix_bytes(D, q_dim, q_att)  # wq, wo
+    attention += 2 * f.matrix_bytes(kv_dim, D, q_att)  # wk, wv [kv_dim, D]
     router_and_norms = (E * D + 2 * D) * 2
     per_layer = experts + attention + router_and_norms
     return config.n_layers * per_layer + config.embedding_parameters() * 2 + config.dim * 2
@@ -146,10 +164,11 @@ def active_weight_bytes(config: ModelConfig, fmt: str | WeightFormat) -> int:
 
 
 def kv_cache_bytes(
-    config: ModelConfig, max_seq_len: int, max_slots: int, dtype_bytes: int = 2
+    config: ModelConfig, max_seq_len: int, max_slots: int, dtype_bytes: int = 2, ranks: int = 1
 ) -> int:
-    """Bytes of KVCache(config, max_slots, max_seq_len): k and v for every layer."""
-    per_token = 2 * config.n_layers * config.kv_dim * dtype_bytes
+    """Bytes of KVCache(config, max_slots, max_seq_len): k and v for every layer (of one
+    rank's kv heads with `ranks`)."""
+    per_token = 2 * config.n_layers * config.kv_dim // ranks * dtype_bytes
     return per_token * max_seq_len * max_slots
 
 
@@ -159,16 +178,18 @@ def workspace_bytes(
     max_seq_len: int,
     max_slots: int,
     tokens_per_step: int,
+    ranks: int = 1,
 ) -> int:
     """Peak activations of one forward step (see the module docstring), in bytes."""
     f = get_format(fmt)
     D, I, V = config.dim, config.intermediate, config.vocab_size
+    q_dim, kv_dim = config.q_dim // ranks, config.kv_dim // ranks  # this rank's heads
     N = max(tokens_per_step, max_slots)  # a prefill chunk, or one token per live slot
     rows = max_slots  # rows of a batch; each reads back its keys/values
     act = 2  # bf16 activations
     residual = 4 * N * D * act  # residual stream, normed input, attention output, block output
-    qkv = N * (2 * config.q_dim + 2 * config.kv_dim) * act  # q, k, v and attention output
-    kv_read = 2 * rows * max_seq_len * config.q_dim * act  # keys, values expanded to H heads
+    qkv = N * (2 * q_dim + 2 * kv_dim) * act  # q, k, v and attention output
+    kv_read = 2 * rows * max_seq_len * q_dim * act  # keys, values expanded to H heads
     moe = N * config.top_k * (2 * D + 2 * I) * act + 2 * N * config.n_experts * 4
     logits = N * V * (act + 4)  # output head result and its float32 copy
     dequant = 0 if f.bits == 16 else 3 * I * D * act  # one expert's w1, w2, w3 in bf16
@@ -190,6 +211,7 @@ class MemoryPlan:
     max_seq_len: int
     max_slots: int
     kv_bytes_per_token: int
+    ranks: int = 1  # GPUs the model is split over; every byte count above is one rank's
 
     @property
     def total(self) -> int:
@@ -213,6 +235,10 @@ class MemoryPlan:
 
     @property
     def reason(self) -> str:
+        per_rank = f"per rank of {self.ranks}: " if self.ranks > 1 else ""
+        return per_rank + self._reason()
+
+    def _reason(self) -> str:
         parts = (
             f"{_gib(self.weights)} weights ({self.format}) + {_gib(self.kv_cache)} KV cache "
             f"({self.max_slots} x {self.max_seq_len} tokens) + {_gib(self.workspace)} workspace "
@@ -246,8 +272,10 @@ def plan(
     max_slots: int = 1,
     tokens_per_step: int = 2048,
     reserve_bytes: int = DEFAULT_RESERVE_BYTES,
+    ranks: int = 1,
 ) -> MemoryPlan:
-    """The memory a model in `weight_format` needs on a device, and whether it fits."""
+    """The memory a model in `weight_format` needs on a device, and whether it fits; with
+    `ranks`, one rank's share on each of `ranks` such devices."""
     if max_seq_len <= 0 or max_slots <= 0 or tokens_per_step <= 0:
         raise ValueError("max_seq_len, max_slots and tokens_per_step must be positive")
     f = get_format(weight_format)
@@ -255,13 +283,14 @@ def plan(
         model=config.name,
         format=f.name,
         device_bytes=device_memory_bytes(device_memory),
-        weights=weight_bytes(config, f),
-        kv_cache=kv_cache_bytes(config, max_seq_len, max_slots),
-        workspace=workspace_bytes(config, f, max_seq_len, max_slots, tokens_per_step),
+        weights=weight_bytes(config, f, ranks),
+        kv_cache=kv_cache_bytes(config, max_seq_len, max_slots, ranks=ranks),
+        workspace=workspace_bytes(config, f, max_seq_len, max_slots, tokens_per_step, ranks),
         reserve=reserve_bytes,
         max_seq_len=max_seq_len,
         max_slots=max_slots,
-        kv_bytes_per_token=kv_cache_bytes(config, 1, 1),
+        kv_bytes_per_token=kv_cache_bytes(config, 1, 1, ranks=ranks),
+        ranks=ranks,
     )
 
 

@@ -2,7 +2,9 @@
 
 Everything the model computes is in this one file, written for clarity; speed comes from
 `local_backend/kernels` (which replaces module forwards through `kernels.install`) and from
-the engine (batching, torch.compile). The contract, from docs/architecture.md:
+the engine (batching, torch.compile). Over several GPUs each rank builds its own shard of this
+same model (a ParallelContext sizes Attention and MoE; parallel.py, docs/multi_gpu.md). The
+contract, from docs/architecture.md:
 
     Transformer.forward(tokens [B, T], positions [B, T], cache: KVCache, slots [B])
         -> logits [B, T, vocab] (float32)
@@ -29,6 +31,7 @@ Legend for shape comments:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +39,11 @@ from torch import nn
 
 from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
+from local_backend.parallel import SINGLE_PROCESS, ParallelContext
 from local_backend.weights import TensorTransform, load_weights
+
+if TYPE_CHECKING:
+    from local_backend.load_progress import LoadProgress
 
 
 class RMSNorm(nn.Module):
@@ -75,16 +82,22 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, parallel: ParallelContext = SINGLE_PROCESS
+    ) -> None:
         super().__init__()
         self.layer_id = layer_id  # which layer of the KV cache this attention reads and writes
-        self.n_heads = config.n_heads
-        self.n_kv_heads = config.n_kv_heads
+        # Over several ranks, this rank's share of the heads (all of them in one process);
+        # its wo output is then a partial sum, which the hook adds up over the ranks.
+        self.n_heads = parallel.part(config.n_heads)
+        self.n_kv_heads = parallel.part(config.n_kv_heads)
         self.head_dim = config.head_dim
-        self.wq = nn.Linear(config.dim, config.q_dim, bias=False)
-        self.wk = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.wv = nn.Linear(config.dim, config.kv_dim, bias=False)
-        self.wo = nn.Linear(config.q_dim, config.dim, bias=False)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        self.wq = nn.Linear(config.dim, q_dim, bias=False)
+        self.wk = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wv = nn.Linear(config.dim, kv_dim, bias=False)
+        self.wo = nn.Linear(q_dim, config.dim, bias=False)
+        parallel.sum_outputs_across_ranks(self)
 
     def forward(
         self,
@@ -133,18 +146,25 @@ class MoE(nn.Module):
 
     expert_e(x) = w2[e] @ (silu(w1[e] @ x) * (w3[e] @ x)). The router softmax runs in fp32
     over all experts; the top_k probabilities are renormalised to sum to 1 (HF Mixtral).
+
+    Over several ranks (expert parallel) this module holds n_experts = E / ranks of them,
+    global ids first_expert .. first_expert + n_experts - 1, numbered from 0 here. The router
+    still scores all E; route() renumbers its choices to this rank's numbering, so experts of
+    other ranks fall outside [0, n_experts) and add nothing here; the hook sums the ranks.
     """
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
-        E, I, D = config.n_experts, config.intermediate, config.dim
-        self.n_experts = E
+        E, I, D = parallel.part(config.n_experts), config.intermediate, config.dim
+        self.n_experts = E  # the experts this module holds
+        self.first_expert = parallel.first(config.n_experts)
         self.top_k = config.top_k
-        self.gate = nn.Linear(D, E, bias=False)  # the router
+        self.gate = nn.Linear(D, config.n_experts, bias=False)  # the router, over all experts
         self.w1 = nn.Parameter(torch.empty(E, I, D))  # gate projections, stacked per expert
         self.w2 = nn.Parameter(torch.empty(E, D, I))  # down projections
         self.w3 = nn.Parameter(torch.empty(E, I, D))  # up projections
         self.reset_parameters()
+        parallel.sum_outputs_across_ranks(self)
 
     def reset_parameters(self) -> None:
         # Like nn.Linear's default (uniform, bound 1/sqrt(fan_in)); real weights are loaded.
@@ -153,9 +173,12 @@ class MoE(nn.Module):
             nn.init.uniform_(weight, -bound, bound)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k experts of each token x [N, D]: weights [N, k] (fp32) and ids [N, k]."""
+        """Top-k experts of each token x [N, D]: weights [N, k] (fp32) and ids [N, k], in this
+        module's numbering (see the class docstring)."""
         probs = F.softmax(self.gate(x).float(), dim=-1)  # [N, E]
         weights, experts = torch.topk(probs, self.top_k, dim=-1)  # [N, k], [N, k]
+        if self.first_expert:  # a later rank's experts (no extra op in one process)
+            experts = experts - self.first_expert
         return weights / weights.sum(dim=-1, keepdim=True), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,12 +197,14 @@ class MoE(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int) -> None:
+    def __init__(
+        self, config: ModelConfig, layer_id: int, parallel: ParallelContext = SINGLE_PROCESS
+    ) -> None:
         super().__init__()
         self.attention_norm = RMSNorm(config.dim, config.norm_eps)
-        self.attention = Attention(config, layer_id)
+        self.attention = Attention(config, layer_id, parallel)
         self.ffn_norm = RMSNorm(config.dim, config.norm_eps)
-        self.block_sparse_moe = MoE(config)
+        self.block_sparse_moe = MoE(config, parallel)
 
     def forward(
         self,
@@ -197,15 +222,28 @@ class TransformerBlock(nn.Module):
 
 class Transformer(nn.Module):
     """MixtralForCausalLM-equivalent. Build with from_config (random weights, or the meta
-    device for shapes only) or from_model_dir (a Hugging Face safetensors folder)."""
+    device for shapes only) or from_model_dir (a Hugging Face safetensors folder).
 
-    def __init__(self, config: ModelConfig) -> None:
+    `parallel` (local_backend/parallel.py) makes this one rank's shard of a tensor- and
+    expert-parallel model; the embeddings, norms and output head are whole on every rank.
+    """
+
+    def __init__(self, config: ModelConfig, parallel: ParallelContext = SINGLE_PROCESS) -> None:
         super().__init__()
+        parallel.check(config)
         self.config = config
+        self.parallel = parallel
         self.tok_embeddings = nn.Embedding(config.vocab_size, config.dim)
-        self.layers = nn.ModuleList(TransformerBlock(config, i) for i in range(config.n_layers))
+        self.layers = nn.ModuleList(
+            TransformerBlock(config, i, parallel) for i in range(config.n_layers)
+        )
         self.norm = RMSNorm(config.dim, config.norm_eps)
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
+
+    @property
+    def cache_kv_heads(self) -> int:
+        """Key/value heads this model's KV cache holds (this rank's share)."""
+        return self.parallel.part(self.config.n_kv_heads)
 
     @classmethod
     def from_config(
@@ -213,11 +251,12 @@ class Transformer(nn.Module):
         config: ModelConfig,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        parallel: ParallelContext = SINGLE_PROCESS,
     ) -> Transformer:
         """Randomly initialised model (seed torch first for repeatability); on device "meta"
         nothing is allocated, which is how the loader and parameter counts use it."""
         with torch.device(device):
-            model = cls(config)
+            model = cls(config, parallel)
         return model.to(dtype).eval().requires_grad_(False)
 
     @classmethod
@@ -227,7 +266,7 @@ class Transformer(nn.Module):
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.bfloat16,
         transform: TensorTransform | None = None,
-        progress: bool = True,
+        progress: bool | LoadProgress = True,
     ) -> Transformer:
         """Load a Hugging Face Mixtral folder (config.json + safetensors); see weights.py."""
         return load_model(path, device=device, dtype=dtype, transform=transform, progress=progress)
@@ -296,7 +335,7 @@ def load_model(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     transform: TensorTransform | None = None,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
 ) -> Transformer:
     """ModelConfig.from_model_dir(path), a meta-device Transformer, then weights.load_weights."""
     config = ModelConfig.from_model_dir(path)

@@ -55,7 +55,9 @@ class OpenAIService:
     ) -> None:
         self.engine = engine
         self.model_name = model_name
-        self.served_names = {model_name, *aliases}
+        self.aliases = tuple(aliases)
+        # Model names compare like the gateway's catalog does: without regard to case.
+        self.served_names = {name.lower() for name in (model_name, *aliases)}
         self.created = int(time.time())
         self.prompts = PromptEncoder(engine.tokenizer, chat_format or model_name)
 
@@ -73,6 +75,7 @@ class OpenAIService:
                     "owned_by": "local",
                     "context_length": self.engine.max_seq_len,
                     "max_slots": capacity.max_slots,
+                    "aliases": list(self.aliases),
                 }
             ],
         }
@@ -100,7 +103,7 @@ class OpenAIService:
     # -- requests ----------------------------------------------------------------------------
 
     def _check_model(self, body: _CommonBody) -> None:
-        if body.model not in self.served_names:
+        if body.model.lower() not in self.served_names:
             raise ModelNotFound(
                 f"The model {body.model!r} does not exist on this server; it serves "
                 f"{self.model_name!r}"

@@ -12,7 +12,8 @@ Formats are memory_plan's: "bf16" (nothing quantized), "int8" / "int4" (experts 
 the attention projections wq/wk/wv/wo), "int8-experts" / "int4-experts" (experts only). The
 router, norms, embeddings and output head stay in the load dtype. int8 is per-output-channel,
 int4 is two values per byte with one scale per group of 128 inputs (kernels/quant.py).
-Quantized experts become buffers of the MoE module, quantized projections QuantizedLinear
+Quantized experts are repacked as they arrive into the layout the packed MoE kernels stream
+(kernels/packed.py) and become buffers of the MoE module, quantized projections QuantizedLinear
 modules; the kernels read both (kernels/forwards.py).
 """
 
@@ -29,12 +30,14 @@ from local_backend import memory_plan
 from local_backend.config import ModelConfig
 from local_backend.kernels import QuantizedLinear, install, select_backend
 from local_backend.kernels.forwards import attach_expert_weight
+from local_backend.kernels.packed import PackedWeight, repack
 from local_backend.kernels.quant import (
     QuantizedWeight,
     int4_group_size,
     quantize_int4,
     quantize_int8,
 )
+from local_backend.load_progress import LoadProgress
 from local_backend.model import Transformer
 
 _EXPERT = re.compile(r"layers\.\d+\.block_sparse_moe\.(w1|w2|w3)")
@@ -92,7 +95,7 @@ class LoadQuantizer:
 
     def __init__(self, fmt: str) -> None:
         self.format = memory_plan.get_format(fmt)
-        self.pending: dict[str, QuantizedWeight] = {}
+        self.pending: dict[str, QuantizedWeight | PackedWeight] = {}
         self.summary = QuantizationSummary(self.format.name, 0, 0, 0)
 
     def targets(self, name: str) -> bool:
@@ -109,26 +112,33 @@ class LoadQuantizer:
         self.summary.matrices += 1
         self.summary.bytes_before += tensor.numel() * tensor.element_size()
         self.summary.bytes_after += quantized.nbytes
+        if _EXPERT.fullmatch(name):
+            # repacked now, one matrix at a time: doing it in finalize would hold every
+            # layer's codes twice (the original layout, pending, beside the packed copy)
+            packed = repack(quantized)
+            self.pending[name] = packed
+            return packed.codes
         self.pending[name] = quantized
         return quantized.qweight
 
     def finalize(self, model: Transformer, backend: str | None = None) -> QuantizationSummary:
         """Attach every pending quantized matrix to `model` and (re)install the kernels:
         `backend`, else the backend already installed, else select_backend's choice."""
-        for name, quantized in self.pending.items():
-            _attach(model, name, quantized)
-        self.pending = {}
+        while self.pending:
+            name = next(iter(self.pending))
+            _attach(model, name, self.pending.pop(name))
         device = next(model.parameters()).device
         chosen = backend or getattr(model, "kernel_backend", None)
         install(model, select_backend(device, chosen))
         return self.summary
 
 
-def _attach(model: Transformer, name: str, quantized: QuantizedWeight) -> None:
+def _attach(model: Transformer, name: str, quantized: QuantizedWeight | PackedWeight) -> None:
     if match := _EXPERT.fullmatch(name):
         moe = model.get_submodule(name.rpartition(".")[0])
         attach_expert_weight(moe, match.group(1), quantized)
         return
+    assert isinstance(quantized, QuantizedWeight)  # only experts are packed
     linear_name = name.removesuffix(".weight")  # layers.N.attention.wq
     parent_name, _, leaf = linear_name.rpartition(".")
     parent = model.get_submodule(parent_name)
@@ -177,7 +187,7 @@ def load_quantized(
     max_seq_len: int = 4096,
     max_slots: int = 1,
     tokens_per_step: int = 2048,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
 ) -> tuple[Transformer, memory_plan.MemoryPlan]:
     """Load a Hugging Face folder quantized to fit `device` (or to `fmt`), kernels installed.
 

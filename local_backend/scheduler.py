@@ -20,6 +20,7 @@ Legend for shape comments: B = rows in the forward pass, T = tokens per row, V =
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -61,6 +62,16 @@ class Sequence:
 
 
 @dataclass
+class StepTiming:
+    """What the last step ran: prefill tokens and decode rows, and the seconds each took."""
+
+    prefill_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_batch: int = 0
+    decode_s: float = 0.0
+
+
+@dataclass
 class StepOutput:
     owner: Hashable
     delta: ChoiceDelta
@@ -91,6 +102,7 @@ class Scheduler:
         self.device = next(model.parameters()).device
         self.decode_runner = DecodeRunner(model, cache, max_slots)
         self.sequences: list[Sequence] = []
+        self.last_step = StepTiming()
 
     @property
     def free_slots(self) -> int:
@@ -145,14 +157,26 @@ class Scheduler:
         """Capture the decode step's CUDA graphs before the first request (see DecodeRunner)."""
         self.decode_runner.warm_up()
 
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens whose keys and values are in the KV cache now (for its use gauge)."""
+        return sum(s.num_cached for s in self.sequences)
+
     def step(self) -> list[StepOutput]:
         outputs: list[StepOutput] = []
+        self.last_step = StepTiming()
         prefill = self._prefill_rows()
         if prefill:
-            outputs += self._prefill(prefill)
+            started = time.perf_counter()
+            outputs += self._prefill(prefill)  # sampling syncs the device: the time is real
+            self.last_step.prefill_tokens = sum(chunk for _, chunk in prefill)
+            self.last_step.prefill_s = time.perf_counter() - started
         decode = [s for s in self.sequences if not s.prefilling and s.finish_reason is None]
         if decode:
+            started = time.perf_counter()
             outputs += self._decode(decode)
+            self.last_step.decode_batch = len(decode)
+            self.last_step.decode_s = time.perf_counter() - started
         return outputs
 
     # -- forward passes -----------------------------------------------------------------------

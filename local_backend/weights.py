@@ -3,6 +3,7 @@
 Public API (model.py builds on this module, never the other way round):
 
     model.load_model(path, device, dtype, transform=None, progress=True) -> Transformer
+        progress: True (a tqdm bar on a terminal, else log lines), False, or a LoadProgress
         config.json -> ModelConfig, the model built on the meta device (no memory), then
         every parameter materialised from the files straight onto `device` in `dtype`
         (also `Transformer.from_model_dir`).
@@ -31,6 +32,12 @@ Names on disk, both layouts accepted (N = layer, E = expert):
     and the rest: model.embed_tokens, model.norm, lm_head, model.layers.N.input_layernorm,
     post_attention_layernorm, self_attn.q_proj|k_proj|v_proj|o_proj (`.weight`).
 
+Several ranks (parallel.py): `split_for(name, shape)` names the slice of each tensor this process
+holds (a TensorSplit of dimension, start and stop, or None for all of it) and the model's
+parameters have those per-rank shapes. Shapes are still checked against the full tensors on
+disk, each sharded tensor is read with `get_slice` (only that slice's bytes of the mapped file
+are touched), and experts of other ranks are not read at all.
+
 The quantization hook: `transform(name, tensor)` is called once per parameter of ours (e.g.
 "layers.3.block_sparse_moe.w1", the full [E, I, D] stack), after the shape check, with the
 tensor already on `device` in `dtype`; what it returns becomes the parameter (any dtype or
@@ -49,11 +56,13 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 from torch import nn
-from tqdm import tqdm
 
 from local_backend.config import ModelConfig
+from local_backend.load_progress import LoadProgress
+from local_backend.parallel import TensorSplit
 
 TensorTransform = Callable[[str, torch.Tensor], torch.Tensor]
+SplitFn = Callable[[str, tuple[int, ...]], TensorSplit | None]  # ParallelContext.tensor_split
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -161,7 +170,8 @@ def load_weights(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.bfloat16,
     transform: TensorTransform | None = None,
-    progress: bool = True,
+    progress: bool | LoadProgress = True,
+    split_for: SplitFn | None = None,
 ) -> None:
     """Materialise every parameter of `model` from the safetensors in `path` (see module doc)."""
     config = getattr(model, "config", None)
@@ -171,6 +181,7 @@ def load_weights(
         )
     model_dir = Path(path)
     expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    splits = {n: s for n, shape in expected.items() if split_for and (s := split_for(n, shape))}
     done: set[str] = set()
     partial: dict[str, tuple[torch.Tensor, set[int]]] = {}  # stacked params being filled
 
@@ -183,16 +194,19 @@ def load_weights(
         done.add(name)
 
     shards = _shard_files(model_dir)
-    total = sum(len(names) for names in shards.values() if names is not None)
-    bar = tqdm(total=total or None, desc="loading weights", unit="tensor", disable=not progress)
+    reporter = progress if isinstance(progress, LoadProgress) else LoadProgress(enabled=progress)
+    reporter.begin(sum(shard.stat().st_size for shard in shards), len(shards))
     try:
         for shard, listed in shards.items():
             with safe_open(str(shard), framework="pt", device="cpu") as f:
                 for hf_name in listed if listed is not None else sorted(f.keys()):
-                    _load_one(f, hf_name, shard, config, expected, partial, finish, device, dtype)
-                    bar.update(1)
+                    _load_one(
+                        f, hf_name, shard, config, expected, splits, partial, finish, device, dtype
+                    )
+                    reporter.advance(_stored_bytes(f, hf_name))
+            reporter.shard_done(shard.stat().st_size)
     finally:
-        bar.close()
+        reporter.close()
 
     if "output.weight" not in done and config.tie_embeddings and "tok_embeddings.weight" in done:
         _set_parameter(model, "output.weight", model.get_parameter("tok_embeddings.weight"))
@@ -200,8 +214,10 @@ def load_weights(
     missing = []
     for name in expected:
         if name in partial:
-            absent = sorted(set(range(config.n_experts)) - partial[name][1])
-            missing += [_hf_name(name, e) for e in absent]
+            buffer, filled = partial[name]
+            absent = sorted(set(range(buffer.shape[0])) - filled)
+            first = splits[name].start if name in splits else 0
+            missing += [_hf_name(name, first + e) for e in absent]
         elif name not in done:
             missing.append(_hf_name(name))
     if missing:
@@ -211,12 +227,25 @@ def load_weights(
         )
 
 
+_DTYPE_BYTES = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}
+
+
+def _stored_bytes(f, hf_name: str) -> int:  # type: ignore[no-untyped-def]
+    """Bytes of one tensor in its file (from the header: nothing more is read)."""
+    piece = f.get_slice(hf_name)
+    count = 1
+    for size in piece.get_shape():
+        count *= size
+    return count * _DTYPE_BYTES.get(piece.get_dtype(), 1)
+
+
 def _load_one(
     f,  # a safetensors safe_open handle
     hf_name: str,
     shard: Path,
     config: ModelConfig,
     expected: dict[str, tuple[int, ...]],
+    splits: dict[str, TensorSplit],
     partial: dict[str, tuple[torch.Tensor, set[int]]],
     finish: Callable[[str, torch.Tensor], None],
     device: torch.device | str,
@@ -246,33 +275,39 @@ def _load_one(
         )
 
     first = pieces[0]
-    full = expected[first.param]
+    ours = expected[first.param]  # this process's shape (a rank's share, or the whole)
+    split = splits.get(first.param)
+    full = ours if split is None else (*ours[: split.dim], split.size, *ours[split.dim + 1 :])
     if first.expert is not None:  # one expert of a stacked [E, ...] parameter
         if found != full[1:]:
             raise mismatch(full[1:])
+        expert = first.expert - (split.start if split else 0)  # index in our stack
+        if not 0 <= expert < ours[0]:
+            return  # another rank's expert: not read
         buffer, filled = partial.get(first.param) or (
-            torch.empty(full, device=device, dtype=dtype),
+            torch.empty(ours, device=device, dtype=dtype),
             set(),
         )
         partial[first.param] = (buffer, filled)
-        if first.expert in filled:
+        if expert in filled:
             raise WeightsError(f"{hf_name}: found twice")
-        buffer[first.expert].copy_(f.get_tensor(hf_name))
-        filled.add(first.expert)
-        if len(filled) == config.n_experts:
+        buffer[expert].copy_(f.get_tensor(hf_name))
+        filled.add(expert)
+        if len(filled) == ours[0]:
             del partial[first.param]
             finish(first.param, buffer)
         return
 
+    experts = slice(split.start, split.stop) if split else slice(None)  # dim 0 when split
     if len(pieces) == 2:  # fused gate_up_proj: [E, 2I, D] = cat(w1, w3) along dim 1
         E, I, D = full
         if found not in ((E, 2 * I, D), (E, D, 2 * I)):
             raise mismatch((E, 2 * I, D))
         if found == (E, 2 * I, D):  # read each half straight from the file
             halves = f.get_slice(hf_name)
-            w1, w3 = halves[:, :I], halves[:, I:]  # [E, I, D] each
+            w1, w3 = halves[experts, :I], halves[experts, I:]  # [E, I, D] each
         else:
-            gate_up = f.get_tensor(hf_name).transpose(1, 2)  # [E, D, 2I] -> [E, 2I, D]
+            gate_up = _read(f, hf_name, split, False).transpose(1, 2)  # [E, D, 2I] -> [E, 2I, D]
             w1, w3 = gate_up[:, :I], gate_up[:, I:]  # [E, I, D] each
         finish(pieces[0].param, w1.to(device=device, dtype=dtype).contiguous())
         finish(pieces[1].param, w3.to(device=device, dtype=dtype).contiguous())
@@ -281,10 +316,25 @@ def _load_one(
     transposed = len(full) == 3 and found == (full[0], full[2], full[1])  # fused down_proj
     if found != full and not transposed:
         raise mismatch(full)
-    tensor = f.get_tensor(hf_name).to(device=device, dtype=dtype)
+    tensor = _read(f, hf_name, split, transposed).to(device=device, dtype=dtype)
     if found != full:
         tensor = tensor.transpose(1, 2).contiguous()  # [E, I, D] -> [E, D, I]
     finish(first.param, tensor)
+
+
+def _read(
+    f,  # a safetensors safe_open handle
+    hf_name: str,
+    split: TensorSplit | None,
+    transposed: bool,
+) -> torch.Tensor:
+    """The tensor, or only this rank's slice of it (a transposed 3-D tensor swaps dims 1, 2)."""
+    if split is None:
+        return f.get_tensor(hf_name)
+    dim = {1: 2, 2: 1}.get(split.dim, split.dim) if transposed else split.dim
+    index = [slice(None)] * (dim + 1)
+    index[dim] = slice(split.start, split.stop)
+    return f.get_slice(hf_name)[tuple(index)]
 
 
 def _set_parameter(model: nn.Module, name: str, tensor: torch.Tensor) -> None:

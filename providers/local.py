@@ -3,10 +3,14 @@
     LOCAL_MODEL_DIR=/models/WizardLM-2-8x22B   in-process: the engine runs in this process
     LOCAL_BASE_URL=http://gpu-box:8001/v1       over HTTP: `python -m local_backend serve` there
 
-In-process, the weights load on a background thread when the gateway starts: until they are
-in, the route reports no capacity (the router skips it, "at capacity") and /readyz says so.
-After that the route has capacity while the engine's queue accepts work, so a full backend is
-skipped rather than queued behind. Errors from the engine become UpstreamErrors: a full queue is
+In-process, the weights load on a background thread when the gateway starts. The backend's
+load state is data (local_backend.load_progress.LoadState): while loading, or after a failed
+load, the route has no capacity and `unavailable_reason()` says why ("loading (42% of 131 GB)",
+"failed to load: WeightsError: ..."): the router's skip reason and the gateway's /readyz carry
+it (`status()`). Once loaded the route has capacity while the engine's queue accepts work, so a
+full backend is skipped rather than queued behind. The engine answers to the catalog's model
+id and aliases, and its context is clamped to the model's. Over HTTP, local_http.py polls the
+backend's /readyz for the same. Errors from the engine become UpstreamErrors: a full queue is
 retryable (429), anything else the backend refuses fails over to the next route, because a limit
 of ours (context, a parameter) says nothing about what a hosted route can do.
 
@@ -55,9 +59,13 @@ class InProcessLocalProvider:
         max_slots: int,
         max_seq_len: int,
         queue_size: int,
+        aliases: tuple[str, ...] = (),
     ) -> None:
+        from local_backend.load_progress import LoadState  # torch-free
+
         self.name = name
         self.model_name = model_name
+        self.load_state = LoadState()
         self._load_args: dict[str, Any] = {
             "model_dir": model_dir,
             "model_name": model_name,
@@ -67,6 +75,8 @@ class InProcessLocalProvider:
             "max_slots": max_slots,
             "max_seq_len": max_seq_len,
             "queue_size": queue_size,
+            "aliases": tuple(a for a in aliases if a != model_name),
+            "progress": self.load_state.progress,
         }
         self._service: Any = None
         self.load_error: str | None = None
@@ -85,12 +95,43 @@ class InProcessLocalProvider:
             if dtype_name and dtype is None:
                 raise ValueError(f"LOCAL_DTYPE {dtype_name!r} is not one of {sorted(DTYPES)}")
             self._service = load_service(dtype=dtype, **args)
+            self.load_state.ready()
             log.info("local backend ready in %.1fs", time.perf_counter() - started)
         except Exception as exc:  # reported on /readyz and in the route's skip reason
             self.load_error = f"{type(exc).__name__}: {exc}"
+            self.load_state.fail(self.load_error)
             log.error("local backend failed to load: %s", self.load_error)
         finally:
             self.loaded.set()
+
+    def status(self) -> dict[str, Any]:
+        """The backend's state for the gateway's /readyz: loading (progress), ready, failed."""
+        body = self.load_state.as_json()
+        if self._service is not None:
+            capacity = self._service.engine.capacity()
+            body.update(accepting=capacity.accepting, queue_depth=capacity.queue_depth)
+            body["max_seq_len"] = self._service.engine.max_seq_len
+        return body
+
+    def unavailable_reason(self) -> str | None:
+        """Why the route is skipped now (None when it can take a request)."""
+        state = self.load_state
+        if state.phase == "failed":
+            return f"local backend failed to load: {state.reason}"
+        if self._service is None:
+            progress = state.progress.snapshot()
+            if progress["bytes_total"]:
+                done = f"{progress['fraction']:.0%} of {progress['bytes_total'] / 1e9:.1f} GB"
+                return f"local backend loading ({done})"
+            return "local backend loading"
+        if not self._service.engine.capacity().accepting:
+            return "at capacity (local backend queue full)"
+        return None
+
+    def decode_throughput(self) -> dict[str, Any] | None:
+        """The engine's rolling measured throughput (for the route's price); None unloaded."""
+        service = self._service
+        return service.engine.telemetry.throughput() if service is not None else None
 
     async def ready(self) -> bool:
         return self._service is not None and bool(self._service.engine.running)

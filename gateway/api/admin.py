@@ -2,21 +2,27 @@
 
 Enabled only when GATEWAY_ADMIN_TOKEN is set; otherwise every /admin path answers 404, as if
 it did not exist. A caller proves it knows the token with `Authorization: Bearer <token>` or
-with the session cookie the login form sets: `<expiry>.<HMAC-SHA256(token, expiry)>`, so the
-cookie is not the token, works on every replica, and dies when the token changes. The cookie
-is HttpOnly, SameSite=Strict and Secure under https; and every state-changing request (forms,
-JSON API, login, logout, and any endpoint added to this router) is refused with a 403 when its
-Sec-Fetch-Site / Origin / Referer names another site (csrf.py; GATEWAY_ADMIN_ORIGINS adds the
-public origins a reverse proxy serves the dashboard under, when it rewrites Host).
+with the session cookie the login form sets: `<expiry>.<name>.<HMAC-SHA256(token, expiry,
+name)>`, so the cookie is not the token, works on every replica, dies when the token changes,
+and carries the name the admin gave at sign-in (shown in the price history; a bearer call may
+name itself with `X-Admin-User`, else "api"). The cookie is HttpOnly, SameSite=Strict and
+Secure under https; and every state-changing request (forms, JSON API, login, logout, and any
+endpoint added to this router) is refused with a 403 when its Sec-Fetch-Site / Origin / Referer
+names another site (csrf.py; GATEWAY_ADMIN_ORIGINS adds the public origins a reverse proxy
+serves the dashboard under, when it rewrites Host).
 
-    GET    /admin                        the dashboard (HTML), or the login form (401)
-    POST   /admin/login                  form: token  -> cookie, 303 to /admin
+    GET    /admin                        the dashboard (HTML, see dashboard_views.py), or the
+                                         login form (401); ?span=1h|24h|7d&by=route|model|client
+                                         &route=ID&status=all|ok|error
+    POST   /admin/login                  form: name, token  -> cookie, 303 to /admin
     POST   /admin/logout                 drops the cookie
     POST   /admin/prices                 form: route_id, input, output, action=set|clear
     GET    /admin/api/dashboard          the dashboard's data (JSON)
     GET    /admin/api/prices             {"overrides": {route_id: {input, output, set_at}}}
     POST   /admin/api/prices             JSON {route_id, input, output} -> the override
     DELETE /admin/api/prices/{route_id}  back to the catalog price
+The fragments htmx refreshes, the static script and the history/log JSON are in
+admin_dashboard.py.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
-from gateway.api.admin_page import dashboard_data, dashboard_page, login_page
+from gateway.api.admin_page import dashboard_data, login_page
 from gateway.api.csrf import refuse_cross_site
+from gateway.api.dashboard_views import shell
 from gateway.api.state import GatewayState, get_state
 from gateway.errors import (
     AuthenticationFailed,
@@ -42,6 +49,7 @@ from gateway.errors import (
     PayloadTooLarge,
     render_error,
 )
+from gateway.stats.windows import SERIES
 
 
 async def _no_cross_site_writes(request: Request) -> None:
@@ -57,6 +65,7 @@ COOKIE = "gw_admin"
 SESSION_S = 12 * 3600
 MAX_FORM_BYTES = 16 * 1024
 _EXPIRY = re.compile(r"[0-9]{1,12}")  # a session cookie's expiry: unix seconds
+_NAME = re.compile(r"[A-Za-z0-9 _@-][A-Za-z0-9 ._@-]{0,39}")  # no "." first: parsing stays exact
 
 
 class _Denied(Exception):
@@ -69,25 +78,51 @@ def _not_found() -> JSONResponse:
     return JSONResponse(body, status_code=404)
 
 
-def _session_mac(token: str, expires: int) -> str:
-    return hmac.new(token.encode(), f"admin-session:{expires}".encode(), hashlib.sha256).hexdigest()
+def _session_mac(token: str, expires: int, name: str) -> str:
+    message = f"admin-session:{expires}:{name}".encode()
+    return hmac.new(token.encode(), message, hashlib.sha256).hexdigest()
 
 
-def session_cookie(token: str, now: float | None = None) -> str:
+def clean_name(value: object) -> str:
+    """An admin's display name: letters, digits and ` ._@-`, at most 40; else "admin"."""
+    text = value.strip() if isinstance(value, str) else ""
+    return text if _NAME.fullmatch(text) else "admin"
+
+
+def session_cookie(token: str, now: float | None = None, name: str = "admin") -> str:
     expires = int((now if now is not None else time.time()) + SESSION_S)
-    return f"{expires}.{_session_mac(token, expires)}"
+    name = clean_name(name)
+    return f"{expires}.{name}.{_session_mac(token, expires, name)}"
+
+
+def _cookie_user(token: str, value: str) -> str | None:
+    """The name a valid session cookie carries, None for anything else."""
+    # The cookie is the client's: only ASCII digits, at most 12 of them (unix seconds until
+    # the year 33658), reach int(); "²" or 5000 digits are simply not a session.
+    expires_text, _, rest = value.partition(".")
+    name, _, mac = rest.rpartition(".")
+    if _EXPIRY.fullmatch(expires_text) is None or _NAME.fullmatch(name) is None:
+        return None
+    expires = int(expires_text)
+    if expires < time.time():
+        return None
+    if not hmac.compare_digest(mac.encode(), _session_mac(token, expires, name).encode()):
+        return None
+    return name
 
 
 def _valid_cookie(token: str, value: str) -> bool:
-    # The cookie is the client's: only ASCII digits, at most 12 of them (unix seconds until
-    # the year 33658), reach int(); "²" or 5000 digits are simply not a session.
-    expires_text, _, mac = value.partition(".")
-    if _EXPIRY.fullmatch(expires_text) is None:
-        return False
-    expires = int(expires_text)
-    if expires < time.time():
-        return False
-    return hmac.compare_digest(mac.encode(), _session_mac(token, expires).encode())
+    return _cookie_user(token, value) is not None
+
+
+def admin_user(request: Request, token: str) -> str:
+    """Who is acting: the session's name, or X-Admin-User (else "api") for a bearer call."""
+    cookie = request.cookies.get(COOKIE)
+    user = _cookie_user(token, cookie) if cookie else None
+    if user is not None and not request.headers.get("authorization"):
+        return user
+    named = request.headers.get("x-admin-user")
+    return clean_name(named) if named else "api"
 
 
 def _token(state: GatewayState) -> str | None:
@@ -149,8 +184,27 @@ async def dashboard(request: Request) -> Response:
         state, _ = _admin(request, html=True)
     except _Denied as denied:
         return denied.response
-    data = await dashboard_data(state)
-    return HTMLResponse(dashboard_page(data, state.settings.secrets()))
+    return HTMLResponse(await _dashboard(request, state))
+
+
+def _choice(value: str | None, allowed: tuple[str, ...], default: str) -> str:
+    return value if value in allowed else default
+
+
+async def _dashboard(request: Request, state: GatewayState, notice: str = "") -> str:
+    q = request.query_params
+    token = _token(state) or ""
+    route = q.get("route") or None
+    routes = {r.id for r in state.catalog.routes()}
+    return await shell(
+        state,
+        span=_choice(q.get("span"), tuple(SERIES), "1h"),
+        by=_choice(q.get("by"), ("route", "model", "client"), "route"),
+        route=route if route in routes else None,
+        status=_choice(q.get("status"), ("all", "ok", "error"), "all"),
+        user=admin_user(request, token),
+        notice=notice,
+    )
 
 
 @router.post("/login", response_model=None)
@@ -160,15 +214,16 @@ async def login(request: Request) -> Response:
     if token is None:
         return _not_found()
     try:
-        given = (await _form(request)).get("token", "")
+        form = await _form(request)
     except PayloadTooLarge as exc:
         return render_error(exc)
+    given = form.get("token", "")
     if not hmac.compare_digest(given.encode(), token.encode()):
         return HTMLResponse(login_page("wrong token"), status_code=401)
     response = RedirectResponse("/admin", status_code=303)
     response.set_cookie(
         COOKIE,
-        session_cookie(token),
+        session_cookie(token, name=form.get("name", "admin")),
         max_age=SESSION_S,
         path="/admin",
         httponly=True,
@@ -190,21 +245,21 @@ async def logout(request: Request) -> Response:
 @router.post("/prices", response_model=None)
 async def set_price_form(request: Request) -> Response:
     try:
-        state, _ = _admin(request, html=True)
+        state, token = _admin(request, html=True)
     except _Denied as denied:
         return denied.response
+    by = admin_user(request, token)
     try:
         form = await _form(request)
         route_id = form.get("route_id", "")
         if form.get("action") == "clear":
-            await state.prices.clear(route_id)
+            await state.prices.clear(route_id, by=by)
         else:
             inp = _number(form.get("input", ""), "input")
             out = _number(form.get("output", ""), "output")
-            await state.prices.set(route_id, inp, out)
+            await state.prices.set(route_id, inp, out, by=by)
     except GatewayError as exc:
-        data = await dashboard_data(state)
-        page = dashboard_page(data, state.settings.secrets(), notice=exc.message)
+        page = await _dashboard(request, state, notice=exc.message)
         return HTMLResponse(page, status_code=exc.status)
     return RedirectResponse("/admin", status_code=303)
 
@@ -240,7 +295,7 @@ async def list_prices(request: Request) -> Response | dict[str, Any]:
 @router.post("/api/prices", response_model=None)
 async def set_price(request: Request) -> Response | dict[str, Any]:
     try:
-        state, _ = _admin(request, html=False)
+        state, token = _admin(request, html=False)
         payload = json.loads(await _read_body(request) or b"null")
         if not isinstance(payload, dict):
             raise InvalidRequest("body must be a JSON object {route_id, input, output}")
@@ -248,6 +303,7 @@ async def set_price(request: Request) -> Response | dict[str, Any]:
             payload.get("route_id"),
             _number(payload.get("input"), "input"),
             _number(payload.get("output"), "output"),
+            by=admin_user(request, token),
         )
     except _Denied as denied:
         return denied.response
@@ -266,8 +322,8 @@ async def set_price(request: Request) -> Response | dict[str, Any]:
 @router.delete("/api/prices/{route_id:path}", response_model=None)
 async def clear_price(route_id: str, request: Request) -> Response | dict[str, Any]:
     try:
-        state, _ = _admin(request, html=False)
-        cleared = await state.prices.clear(route_id)
+        state, token = _admin(request, html=False)
+        cleared = await state.prices.clear(route_id, by=admin_user(request, token))
     except _Denied as denied:
         return denied.response
     except GatewayError as exc:

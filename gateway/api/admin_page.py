@@ -86,33 +86,40 @@ async def dashboard_data(state: GatewayState) -> dict[str, Any]:
 # -- HTML -----------------------------------------------------------------------------------------
 
 _STYLE = """
-body{font-family:system-ui,sans-serif;margin:2em;color:#222}
-table{border-collapse:collapse;margin-bottom:2em}
-th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;font-size:14px}
-th{background:#f3f3f3} .bad{color:#b00} .ok{color:#070} input[type=text]{width:5em}
-form.inline{display:inline}
+body{font-family:system-ui,sans-serif;margin:1.5em 2em;color:#1f2937;max-width:1400px}
+h2{margin:1.4em 0 .4em;border-bottom:1px solid #e5e7eb}
+table{border-collapse:collapse;margin-bottom:1em;font-size:13px}
+th,td{border-bottom:1px solid #e5e7eb;padding:4px 8px;text-align:left;white-space:nowrap}
+th{background:#f9fafb} td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
+.note{color:#6b7280;font-size:13px} .inline{display:inline}
+.dot{display:inline-block;width:.7em;height:.7em;border-radius:50%;margin-right:.4em;
+background:#9ca3af} tr.good .dot{background:#16a34a} tr.warn .dot{background:#d97706}
+tr.bad .dot{background:#dc2626} tr.bad td{color:#b91c1c} tr.off td{color:#9ca3af}
+tr.logrow.bad td{color:#b91c1c} p.bad{color:#b91c1c}
+.tabs a{margin-right:.6em} .tabs a.on{font-weight:bold;text-decoration:none;color:#111}
+.charts{display:grid;grid-template-columns:repeat(auto-fill,minmax(460px,1fr));gap:1em}
+figure.chart{margin:0;max-width:720px}
+figure svg{width:100%;height:auto;font-size:11px;fill:#6b7280}
+figure svg .grid{stroke:#e5e7eb} figcaption{font-size:13px;font-weight:600}
+.legend{font-size:12px} .key{margin-right:1em} .key i{display:inline-block;width:.8em;
+height:.8em;margin-right:.3em;vertical-align:middle}
 """
+
+HTMX = "/admin/static/htmx.min.js"
 
 
 def _e(value: object) -> str:
     return html.escape("—" if value is None else str(value))
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{value * 100:.1f}%"
-
-
-def _secs(value: float | None) -> str:
-    return "—" if value is None else f"{value * 1000:.0f} ms"
-
-
 MIN_SECRET_LEN = 8  # shorter "secrets" would blank out ordinary letters of the page
 
 
-def page(title: str, body: str, secrets: tuple[str, ...] = ()) -> str:
+def page(title: str, body: str, secrets: tuple[str, ...] = (), *, scripts: bool = False) -> str:
+    script = f"<script src='{HTMX}' defer></script>" if scripts else ""
     doc = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
-        f"<style>{_STYLE}</style></head><body><h1>{_e(title)}</h1>{body}</body></html>"
+        f"<style>{_STYLE}</style>{script}</head><body><h1>{_e(title)}</h1>{body}</body></html>"
     )
     return redact(doc, tuple(s for s in secrets if len(s) >= MIN_SECRET_LEN))
 
@@ -122,70 +129,8 @@ def login_page(error: str | None = None) -> str:
     return page(
         "moe-gateway admin: sign in",
         f"{message}<form method='post' action='/admin/login'>"
+        "<label>Your name <input type='text' name='name' maxlength=40 "
+        "placeholder='shown in the price history'></label> "
         "<label>Admin token <input type='password' name='token' autofocus></label> "
         "<button type='submit'>Sign in</button></form>",
     )
-
-
-def _route_row(r: dict[str, Any]) -> str:
-    eff = r["effective_price_per_1m"]
-    status_class = "ok" if r["status"] == "available" else "bad"
-    price_form = (
-        "<form class='inline' method='post' action='/admin/prices'>"
-        f"<input type='hidden' name='route_id' value='{_e(r['route'])}'>"
-        f"<input type='text' name='input' value='{eff['input']:g}'>"
-        f"<input type='text' name='output' value='{eff['output']:g}'>"
-        "<button name='action' value='set'>set</button>"
-        + ("<button name='action' value='clear'>reset</button>" if eff["overridden"] else "")
-        + "</form>"
-    )
-    cells = [
-        _e(r["model"]),
-        _e(r["route"]),
-        _e(r["base_url"]),
-        f"{r['price_per_1m']['input']:g} / {r['price_per_1m']['output']:g}",
-        price_form + (" <b>override</b>" if eff["overridden"] else ""),
-        _e(r["context_length"]),
-        f"<span class='{status_class}'>{_e(r['status'])}</span>",
-        " / ".join(_pct(r["uptime"][w]) for w in ("5m", "30m", "1d")),
-        f"{_secs(r['latency']['p50_s'])} / {_secs(r['latency']['p99_s'])}",
-        f"{_secs(r['ttft']['p50_s'])} / {_secs(r['ttft']['p99_s'])}",
-        _e(None if r["tokens_per_s"] is None else f"{r['tokens_per_s']:.1f}"),
-    ]
-    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
-
-
-def _spend_table(title: str, rows: dict[str, Any] | None) -> str:
-    if rows is None:
-        return f"<h3>{_e(title)}</h3><p class='bad'>usage store unavailable</p>"
-    head = "<tr><th>name</th><th>requests</th><th>prompt</th><th>completion</th><th>USD</th></tr>"
-    body = "".join(
-        f"<tr><td>{_e(name)}</td><td>{t['requests']}</td><td>{t['prompt_tokens']}</td>"
-        f"<td>{t['completion_tokens']}</td><td>{t['cost_usd']:.6f}</td></tr>"
-        for name, t in rows.items()
-    )
-    return (
-        f"<h3>{_e(title)}</h3><table>{head}{body or '<tr><td colspan=5>none yet</td></tr>'}</table>"
-    )
-
-
-def dashboard_page(data: dict[str, Any], secrets: tuple[str, ...], notice: str = "") -> str:
-    head = (
-        "<tr><th>model</th><th>route</th><th>base URL</th><th>catalog $/1M in / out</th>"
-        "<th>effective $/1M in / out</th><th>context</th><th>status</th>"
-        "<th>uptime 5m / 30m / 1d</th><th>latency p50 / p99</th><th>TTFT p50 / p99</th>"
-        "<th>tokens/s</th></tr>"
-    )
-    rows = "".join(_route_row(r) for r in data["routes"])
-    shared = "shared through Redis" if data["prices_shared"] else "this process only (no Redis)"
-    spend = data["spend_today"]
-    body = (
-        (f"<p class='bad'>{_e(notice)}</p>" if notice else "")
-        + "<form method='post' action='/admin/logout'><button>Sign out</button></form>"
-        + f"<h2>Routes</h2><p>Price overrides: {_e(shared)}.</p><table>{head}{rows}</table>"
-        + "<h2>Spend today (UTC)</h2>"
-        + _spend_table("by route", spend["route"])
-        + _spend_table("by model", spend["model"])
-        + _spend_table("by client key id", spend["client"])
-    )
-    return page("moe-gateway admin", body, secrets)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,16 +28,21 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.accounting import Accountant, EstimateCounter, default_counter
-from gateway.api import admin, catalog_routes, health, openai_routes
+from gateway.api import admin, admin_dashboard, catalog_routes, health, openai_routes
 from gateway.api.auth import ClientKeys
+from gateway.api.startup_report import log_route_summary
 from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
 from gateway.dispatch import Dispatcher
 from gateway.errors import GatewayError, render_error
+from gateway.local_price import LocalPriceFeed
 from gateway.logging_setup import configure_logging
 from gateway.provider_setup import build_providers, close_providers
+from gateway.quotas import ChargingStats, make_quotas
 from gateway.settings import Settings
 from gateway.stats import StatsMetrics, make_stats
+from gateway.stats.base import StatsStore
+from gateway.stats.request_log import RequestLog
 
 log = logging.getLogger("gateway.api")
 
@@ -122,7 +127,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        configure_logging(settings.log_level, settings.secrets())
+        configure_logging(settings.log_level, settings.secrets(), settings.log_format)
         metrics = StatsMetrics()
         stats = make_stats(
             settings.redis_url,
@@ -132,16 +137,34 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             max_pending=settings.stats_max_pending,
         )
         prices = make_prices(settings, catalog)
+        request_log = None
+        if settings.request_log_size > 0:
+            request_log = RequestLog(
+                settings.request_log_size,
+                redis_url=settings.redis_url,
+                prefix=settings.stats_prefix,
+            )
+            stats.observer = request_log
         providers = build_providers(catalog, settings)
+        log_route_summary(catalog, providers)
+        prices.measured = LocalPriceFeed(catalog, providers).price  # the local route's price
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)
+        quotas = make_quotas(settings)
+        usage_sink = stats if quotas is None else cast(StatsStore, ChargingStats(stats, quotas))
         dispatcher = Dispatcher(
-            settings, catalog, stats, Accountant(prices, stats, tokens), providers, metrics=metrics
+            settings,
+            catalog,
+            stats,
+            Accountant(prices, usage_sink, tokens),
+            providers,
+            metrics=metrics,
         )
         health.register_health_metrics(
             metrics.registry, bool(settings.redis_url), lambda: stats.connected
         )
+        app.state.quotas = quotas
         app.state.metrics = metrics
         app.state.gw = GatewayState(
             settings=settings,
@@ -151,17 +174,24 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             router=router,
             providers=providers,
             dispatcher=dispatcher,
+            request_log=request_log,
         )
         await stats.start()
         try:
             await prices.start()
+            if request_log is not None:
+                await request_log.start()
             try:
                 yield
             finally:
                 await prices.aclose()
                 await close_providers(providers)
+                if quotas is not None:
+                    await quotas.aclose()
         finally:
             await stats.aclose()
+            if request_log is not None:
+                await request_log.aclose()
 
     app = GatewayApp(
         title="moe-gateway",
@@ -171,6 +201,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         openapi_url=None,
     )
     app.state.settings = settings
+    app.state.quotas = None  # per-client limits, built by the lifespan when configured
     app.state.client_keys = ClientKeys(settings.gateway_api_keys)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -179,5 +210,6 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
     app.include_router(openai_routes.router)
     app.include_router(catalog_routes.router)
     app.include_router(admin.router)
+    app.include_router(admin_dashboard.router)
     app.include_router(health.router)
     return app

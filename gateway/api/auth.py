@@ -1,8 +1,10 @@
 """Client keys: `GATEWAY_API_KEYS` (comma-separated), sent as `Authorization: Bearer <key>`.
 
-No keys configured = an open gateway (every caller is "anonymous"). Keys are compared in
-constant time against every configured key; what the rest of the gateway sees is a key id
-(`key_` + the first 8 hex digits of the key's sha256), never the key itself.
+Each entry is `name:key` (the name is what usage, limits, logs and the dashboard show) or a
+plain `key` (the old form; its name is its key id: `key_` + the first 8 hex digits of the
+key's sha256). No keys configured = an open gateway (every caller is "anonymous"). Keys are
+compared in constant time against every configured key; the rest of the gateway sees the
+name, never the key itself.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hmac
 from pydantic import SecretStr
 
 from gateway.errors import AuthenticationFailed
+from gateway.settings import split_client_key
 
 ANONYMOUS = "anonymous"
 
@@ -23,14 +26,21 @@ def key_id(secret: str) -> str:
 
 class ClientKeys:
     def __init__(self, keys: list[SecretStr]):
-        self._keys = [(k.get_secret_value().encode(), key_id(k.get_secret_value())) for k in keys]
+        self._keys: list[tuple[bytes, str]] = []
+        for entry in keys:
+            name, secret = split_client_key(entry.get_secret_value())
+            self._keys.append((secret.encode(), name or key_id(secret)))
+
+    @property
+    def names(self) -> list[str]:
+        return [name for _, name in self._keys]
 
     @property
     def open(self) -> bool:
         return not self._keys
 
     def authenticate(self, authorization: str | None) -> str:
-        """The caller's key id; AuthenticationFailed (401) when the key is missing or unknown."""
+        """The caller's name; AuthenticationFailed (401) when the key is missing or unknown."""
         if not self._keys:
             return ANONYMOUS
         if not authorization:

@@ -5,7 +5,8 @@
           "degraded", not unready: stats and price overrides wait in memory and serving goes on,
           so a readiness probe must not take every replica out of the balancer together during
           a Redis outage (which would turn it into a full outage). 503 only when no provider is
-          ready. The body names each check and, when degraded, why.
+          ready. The body names each check (the local backend's load state and reason under
+          checks["local"]) and, when degraded, why.
 /metrics  Prometheus text from the app's own registry (gateway/stats/metrics.py), plus
           `moegw_degraded{reason}` and `moegw_server_events_total{event}` (what the server
           limits refused, gateway/api/http_server.py)
@@ -60,6 +61,10 @@ async def readyz(request: Request) -> Response:
     names = list(state.providers)
     results = await asyncio.gather(*(_ready(state.providers[n]) for n in names))
     checks["providers"] = dict(zip(names, results, strict=True))
+    for name in names:  # a provider with a state of its own (the local backend) reports it
+        status = getattr(state.providers[name], "status", None)
+        if status is not None:
+            checks[name] = status()
     body: dict[str, Any] = {"checks": checks}
     if not any(results):
         body["status"] = "not ready"

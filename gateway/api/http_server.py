@@ -1,6 +1,6 @@
 """How `gateway serve` runs uvicorn: its httptools protocol, hardened, with writes coalesced.
 
-    uvicorn.run(app, host=..., port=..., **uvicorn_options(settings))   # gateway/cli.py
+    uvicorn.run(app, host=..., port=..., **uvicorn_options(settings))   # gateway/cli/serve.py
 
 `GatewayHttpProtocol` enforces `ServerLimits` (server_limits.py: header and body read timeouts,
 header size and count, open connections and in-flight requests per process, with 408 / 431 /

@@ -136,6 +136,9 @@ async def serve(
     state: GatewayState = app.state.gw
     headers = request_headers(scope)
     client_key = app.state.client_keys.authenticate(headers.get(b"authorization"))
+    quotas = app.state.quotas
+    if quotas is not None:  # per-client limits (quotas.py): 429 before any work
+        await quotas.check(client_key)
     body = await read_json_body(
         receive, headers.get(b"content-length"), state.settings.max_body_bytes
     )

@@ -10,6 +10,7 @@
     router      Router built from catalog, prices, stats and `available_from(providers)`
     providers   the configured providers only, by provider name (hosted: key set)
     dispatcher  gateway.dispatch.Dispatcher
+    request_log the dashboard's live request log (fed by the stats store's records)
 
 Lifecycle (create_app's lifespan): `await stats.start()`, `await prices.start()` on start-up;
 `await prices.aclose()`, provider `aclose()`, `await stats.aclose()` on shutdown.
@@ -30,6 +31,7 @@ from gateway.prices import PriceBook
 from gateway.routing import Router, available_from
 from gateway.settings import Settings
 from gateway.stats.base import StatsStore
+from gateway.stats.request_log import RequestLog
 from providers.base import Provider
 
 
@@ -42,6 +44,7 @@ class GatewayState:
     router: Router
     providers: dict[str, Provider]  # by provider name, only configured ones
     dispatcher: Any  # gateway.dispatch.Dispatcher
+    request_log: RequestLog | None = None  # the dashboard's live log (None: disabled)
 
 
 def get_state(request: Request) -> GatewayState:

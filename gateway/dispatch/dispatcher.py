@@ -35,6 +35,7 @@ from typing import Any, TypeVar
 
 from gateway.accounting import Accountant, body_output_text, client_usage
 from gateway.catalog import Catalog, Route
+from gateway.dispatch.attempt_log import log_failed_attempt
 from gateway.dispatch.context import (
     OpenedStream,
     RequestContext,
@@ -52,6 +53,7 @@ from gateway.errors import (
     PayloadTooLarge,
     UpstreamError,
     UpstreamProtocolError,
+    UpstreamsRateLimited,
 )
 from gateway.routing import RoutePlan
 from gateway.settings import Settings
@@ -147,6 +149,7 @@ class Dispatcher:
         routes: list[Route] | None = None,
     ) -> tuple[Route, T]:
         routes = plan.candidates if routes is None else routes
+        first_attempt = len(ctx.trail)  # a continued stream's trail already has its start
         tried = 0
         for route in routes:
             provider = self.providers.get(route.provider)
@@ -178,6 +181,15 @@ class Dispatcher:
                 "no configured provider can serve this request",
                 skipped={**plan.skipped, **unconfigured},
             )
+        attempts = ctx.trail[first_attempt:]
+        if attempts and all(a.get("status") == 429 for a in attempts):
+            self._observe_failure(model, "all_routes_rate_limited")
+            waits = [a["retry_after_s"] for a in attempts if a.get("retry_after_s") is not None]
+            raise UpstreamsRateLimited(
+                f"every route is rate limited for {model}; retry later",
+                retry_after=min(waits) if waits else None,
+                attempts=ctx.trail,
+            )
         self._observe_failure(model, "all_routes_failed")
         summary = "; ".join(f"{a['route']}: {a.get('error', 'ok')}" for a in ctx.trail)
         raise AllRoutesFailed(f"every route failed for {model} ({summary})", attempts=ctx.trail)
@@ -208,6 +220,8 @@ class Dispatcher:
             ctx.after_response.append(partial(self.stats.record_attempt, attempt))
         else:
             self.stats.record_attempt(attempt)
+        if error is not None:
+            log_failed_attempt(route, ctx, error, latency, ttft_s)
         ctx.trail.append(trail_entry(route, error is None, latency, error))
 
     async def _attempt_complete(

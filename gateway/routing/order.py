@@ -77,17 +77,61 @@ SORT_KEYS: dict[str, Callable[[RankedRoute], tuple[Any, ...]]] = {
 }
 
 
-def weighted_shuffle(evals: list[RankedRoute], rng: random.Random) -> list[RankedRoute]:
-    """A random order where each next pick has probability ∝ 1/cost² among those left.
+def route_weight(e: RankedRoute) -> float:
+    """The load-balancing weight of a healthy route: 1/cost² for this request's mix."""
+    return 1.0 / max(e.cost, _MIN_COST) ** 2
 
-    Efraimidis-Spirakis in log form: key = Exp(1) / weight = -ln(U) * cost²; ascending.
+
+def weighted_shuffle(evals: list[RankedRoute], rng: random.Random) -> list[RankedRoute]:
+    """A random order where each next pick has probability ∝ route_weight among those left.
+
+    Efraimidis-Spirakis in log form: key = Exp(1) / weight; ascending.
     """
     if len(evals) < 2:
         return evals
     rand, log = rng.random, math.log
-    keyed = [(-log(1.0 - rand()) * max(e.cost, _MIN_COST) ** 2, e) for e in evals]
+    keyed = [(-log(1.0 - rand()) / route_weight(e), e) for e in evals]
     keyed.sort(key=lambda t: t[0])
     return [e for _, e in keyed]
+
+
+def _tiers(
+    rest: list[RankedRoute], prefs: ProviderPrefs
+) -> tuple[list[RankedRoute], list[RankedRoute], list[RankedRoute]]:
+    """healthy, recently failing, last resort (the failing and last tiers sorted)."""
+    by_price = prefs.sort == "price"
+    cheapest = min((e.cost for e in rest), default=0.0) if by_price else 0.0
+    healthy: list[RankedRoute] = []
+    failing: list[RankedRoute] = []
+    last: list[RankedRoute] = []
+    for e in rest:
+        if e.route.last_resort and not (by_price and e.cost <= cheapest):
+            last.append(e)
+        elif e.health.circuit_open or e.health.consecutive_failures > 0:
+            failing.append(e)
+        else:
+            healthy.append(e)
+    if len(failing) > 1:
+        failing.sort(key=_by_failures)
+    if len(last) > 1:
+        last.sort(key=_by_failures)
+    return healthy, failing, last
+
+
+def first_choice_shares(eligible: list[RankedRoute], prefs: ProviderPrefs) -> dict[str, float]:
+    """The share of requests each route is tried first for: the probability that
+    `order_routes` puts it first (the weighted tier's weights, or 1.0 for a fixed first)."""
+    if not eligible:
+        return {}
+    if prefs.order and any(order_index(prefs, e.route) is not None for e in eligible):
+        return {order_routes(eligible, prefs, random.Random(0))[0].route.id: 1.0}
+    healthy, failing, last = _tiers(eligible, prefs)
+    if healthy and prefs.sort is None:
+        total = sum(route_weight(e) for e in healthy)
+        return {e.route.id: route_weight(e) / total for e in healthy}
+    if healthy:
+        return {min(healthy, key=SORT_KEYS[prefs.sort or "price"]).route.id: 1.0}
+    return {(failing or last)[0].route.id: 1.0}
 
 
 def order_routes(
@@ -105,26 +149,11 @@ def order_routes(
                 first.append((i, e.cost, e.route.id, e))
         first.sort(key=lambda t: t[:3])
 
-    by_price = prefs.sort == "price"
-    cheapest = min((e.cost for e in rest), default=0.0) if by_price else 0.0
-    healthy: list[RankedRoute] = []
-    failing: list[RankedRoute] = []
-    last: list[RankedRoute] = []
-    for e in rest:
-        if e.route.last_resort and not (by_price and e.cost <= cheapest):
-            last.append(e)
-        elif e.health.circuit_open or e.health.consecutive_failures > 0:
-            failing.append(e)
-        else:
-            healthy.append(e)
+    healthy, failing, last = _tiers(rest, prefs)
     if prefs.sort is None:
         healthy = weighted_shuffle(healthy, rng)
     else:
         healthy.sort(key=SORT_KEYS[prefs.sort])
-    if len(failing) > 1:
-        failing.sort(key=_by_failures)
-    if len(last) > 1:
-        last.sort(key=_by_failures)
     if first:
         return [t[3] for t in first] + healthy + failing + last
     return healthy + failing + last

@@ -55,6 +55,7 @@ from gateway.routing.order import (
     NO_HEALTH,
     RankedRoute,
     by_cost,
+    first_choice_shares,
     order_routes,
 )
 from gateway.routing.prefs import (
@@ -126,7 +127,11 @@ def available_from(providers: Mapping[str, Any]) -> Callable[[str], str | None]:
             if name == "local":
                 return NotConfigured("local backend not configured")
             return NotConfigured(f"no API key configured ({name.upper()}_API_KEY)")
-        return None if provider.has_capacity() else "at capacity"
+        if provider.has_capacity():
+            return None
+        # a provider that knows why (the local backend: loading, failed, queue full) says so
+        explain = getattr(provider, "unavailable_reason", None)
+        return (explain() if explain is not None else None) or "at capacity"
 
     return check
 
@@ -242,6 +247,21 @@ class Router:
         evals = [self._evaluate(r, prompt_tokens, prompt_tokens, max_tokens) for r in model.routes]
         evals.sort(key=by_cost)
         return evals
+
+    def traffic_shares(
+        self, model: str | Model, prompt_tokens: int, max_tokens: int | None
+    ) -> dict[str, float]:
+        """Route id -> the share of such requests the server tries on it first: plan()'s own
+        filters (default `provider` preferences) and order_routes()'s 1/cost² weights."""
+        if isinstance(model, str):
+            model = self.resolve(model)
+        asked = Asked.of({} if max_tokens is None else {"max_tokens": max_tokens})
+        eligible = []
+        for r in model.routes:
+            e = self._evaluate(r, prompt_tokens, prompt_tokens, max_tokens)
+            if skip_reason(e, self._limits[r.provider], DEFAULT_PREFS, asked) is None:
+                eligible.append(e)
+        return first_choice_shares(eligible, DEFAULT_PREFS)
 
     # -- plan -----------------------------------------------------------------------------------
 

@@ -70,6 +70,14 @@ class WindowStats:
 
 
 @dataclass(frozen=True, slots=True)
+class SeriesPoint:
+    """One bucket of a dashboard series: its start (unix s) and what happened in it."""
+
+    start: int
+    stats: WindowStats
+
+
+@dataclass(frozen=True, slots=True)
 class RouteHealth:
     route_id: str
     # keys "5m", "30m", "1d"; the stores compute each on first access (a read-only mapping)
@@ -131,7 +139,17 @@ def check_usage_query(by: str, day: str | None) -> None:
         raise ValueError(f"day must be a UTC date YYYY-MM-DD; got {day!r}")
 
 
+class RecordObserver(Protocol):
+    """Sees every record a store accepts (the dashboard's request log): must not block."""
+
+    def attempt(self, attempt: Attempt) -> None: ...
+
+    def usage(self, usage: Usage) -> None: ...
+
+
 class StatsStore(Protocol):
+    observer: RecordObserver | None
+
     def record_attempt(self, attempt: Attempt) -> None: ...
 
     def record_usage(self, usage: Usage) -> None: ...
@@ -141,6 +159,13 @@ class StatsStore(Protocol):
     async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
         """Totals grouped by "route", "model" or "client" for a UTC day (YYYY-MM-DD, default
         today). ValueError on a bad `by`/`day`; StatsUnavailableError when Redis is down."""
+        ...
+
+    async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
+        """Each route's series over "1h", "24h" or "7d" (windows.SERIES), oldest bucket first,
+        one point per bucket (empty buckets included). For the dashboard, never the router:
+        the Redis store reads it from Redis. ValueError on a bad span; StatsUnavailableError
+        when Redis is down."""
         ...
 
     async def start(self) -> None: ...

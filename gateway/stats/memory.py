@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 from gateway.stats.base import (
     Attempt,
+    RecordObserver,
     RouteHealth,
+    SeriesPoint,
     StatsOptions,
     Usage,
     UsageTotals,
@@ -34,7 +36,15 @@ from gateway.stats.usage import (
     usage_vector,
     utc_day,
 )
-from gateway.stats.windows import EMPTY_WINDOWS, FINE_S, LazyWindows, RouteWindows, bucket_start
+from gateway.stats.windows import (
+    EMPTY_WINDOWS,
+    FINE_S,
+    LazyWindows,
+    RouteWindows,
+    bucket_start,
+    series_keys,
+    series_point,
+)
 
 logger = logging.getLogger("gateway.stats")
 MAX_ROUTES = 1024  # route ids come from the catalog; this only guards against a runaway caller
@@ -99,6 +109,7 @@ class MemoryStats:
     ) -> None:
         self.options = options or StatsOptions()
         self.metrics = metrics or StatsMetrics()
+        self.observer: RecordObserver | None = None  # e.g. the dashboard's request log
         self._clock = clock
         self._windows: dict[str, RouteWindows] = {}
         self._circuits: dict[str, CircuitState] = {}
@@ -122,6 +133,8 @@ class MemoryStats:
             if route not in self._windows and len(self._windows) >= MAX_ROUTES:
                 raise ValueError("too many distinct routes")
             self.metrics.observe_attempt(attempt)
+            if self.observer is not None:
+                self.observer.attempt(attempt)
             self._windows.setdefault(route, RouteWindows()).add_attempt(attempt, at)
             circuit = self._circuits.get(route, CircuitState())
             self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
@@ -137,6 +150,8 @@ class MemoryStats:
             at = event_time(usage.at, self._clock)
             usage = plausible_usage(usage, self.metrics)
             self.metrics.observe_usage(usage)
+            if self.observer is not None:
+                self.observer.usage(usage)
             add_into(self._usage, usage_key(usage, at), usage_vector(usage))
         except Exception as exc:
             self.metrics.record_errors.inc()
@@ -167,6 +182,15 @@ class MemoryStats:
 
     def all_health(self) -> list[RouteHealth]:
         return [self.route_health(route) for route in sorted(self._windows)]
+
+    async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
+        keys = series_keys(span, self._clock())
+        out: dict[str, list[SeriesPoint]] = {}
+        for route in route_ids:
+            windows = self._windows.get(route)
+            buckets = windows.buckets if windows is not None else {}
+            out[route] = [series_point(key, buckets.get(key)) for key in keys]
+        return out
 
     async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
         check_usage_query(by, day)

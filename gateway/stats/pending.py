@@ -13,7 +13,7 @@ What is kept when the bound (`StatsOptions.max_pending` entries) is hit, in orde
        come from the samples recorded before the bound was hit;
     3. usage and circuit deltas are never dropped: usage is exact however long Redis is away.
 So the buffer's size is at most max_pending entries plus two counters per live bucket (at most
-126 per route) plus one usage vector per distinct (day, route, model, client).
+324 per route) plus one usage vector per distinct (day, route, model, client).
 """
 
 from __future__ import annotations

@@ -39,7 +39,9 @@ from redis.backoff import NoBackoff
 
 from gateway.stats.base import (
     Attempt,
+    RecordObserver,
     RouteHealth,
+    SeriesPoint,
     StatsOptions,
     StatsUnavailableError,
     Usage,
@@ -61,9 +63,12 @@ from gateway.stats.usage import add_into, decode_fields, group, utc_day
 from gateway.stats.windows import (
     EMPTY_WINDOWS,
     FINE_S,
+    Bucket,
     LazyWindows,
     bucket_start,
     in_window,
+    series_keys,
+    series_point,
     window_stats,
 )
 
@@ -81,6 +86,7 @@ class RedisStats(RedisSync):
     ) -> None:
         self.options = options or StatsOptions()
         self.metrics = metrics or StatsMetrics()
+        self.observer: RecordObserver | None = None  # e.g. the dashboard's request log
         self._clock = clock
         self._redis = aioredis.Redis.from_url(
             redis_url,
@@ -121,6 +127,8 @@ class RedisStats(RedisSync):
             if not self._snapshot.know(route):
                 raise ValueError("too many distinct routes")
             self.metrics.observe_attempt(attempt)
+            if self.observer is not None:
+                self.observer.attempt(attempt)
             self._pending.add_attempt(attempt, at, with_samples=self._room_for_samples())
             self._health.pop(route, None)
         except Exception as exc:  # a stats bug must never fail a request
@@ -133,6 +141,8 @@ class RedisStats(RedisSync):
             at = event_time(usage.at, self._clock)
             usage = plausible_usage(usage, self.metrics)
             self.metrics.observe_usage(usage)
+            if self.observer is not None:
+                self.observer.usage(usage)
             self._pending.add_usage(usage, at)
         except Exception as exc:
             self.metrics.record_errors.inc()
@@ -218,6 +228,28 @@ class RedisStats(RedisSync):
 
     def all_health(self) -> list[RouteHealth]:
         return [self.route_health(route) for route in sorted(self._snapshot.routes)]
+
+    async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
+        """Read from Redis, so every replica's records are in it (this process's last
+        flush_interval_s of records may not be yet)."""
+        keys = series_keys(span, self._clock())
+        pipe = self._redis.pipeline(transaction=False)
+        for route in route_ids:
+            for key in keys:
+                pipe.hgetall(self._keys.window(route, key))
+        try:
+            replies = await pipe.execute(raise_on_error=False)
+        except _IO_ERRORS as exc:
+            raise StatsUnavailableError("Redis is unreachable") from exc
+        out: dict[str, list[SeriesPoint]] = {}
+        for n, route in enumerate(route_ids):
+            points = []
+            for m, key in enumerate(keys):
+                fields = replies[n * len(keys) + m]
+                bucket = Bucket.from_fields(fields) if isinstance(fields, dict) and fields else None
+                points.append(series_point(key, bucket))
+            out[route] = points
+        return out
 
     async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
         """Redis's totals plus this process's records Redis does not hold yet."""

@@ -1,11 +1,13 @@
 """Rolling windows shared by both stores: time buckets of counters and log-binned histograms.
 
-Buckets. FINE buckets are 60 s long and kept 30 minutes; they serve the "5m" and "30m" windows.
-COARSE buckets are 900 s long and kept one day; they serve "1d". A window covers its N most
-recent buckets *including the current, partial one*, so "5m" holds between 4 and 5 minutes of
-history, "30m" between 29 and 30 and "1d" between 23h45 and 24h. Memory per route is bounded:
-at most 30 + 96 buckets, each with at most 2 + 3 x HISTOGRAM_BINS entries (in practice a
-couple of dozen bins per metric, since latencies cluster within a decade or two).
+Buckets. FINE buckets are 60 s long and kept an hour; they serve the "5m" and "30m" windows
+and the dashboard's 1h series. COARSE buckets are 900 s long and kept one day; they serve "1d"
+and the 24h series. HOUR buckets are 3600 s long and kept 7 days, for the dashboard's 7d series
+only (the router never reads them). A window covers its N most recent buckets *including the
+current, partial one*, so "5m" holds between 4 and 5 minutes of history, "30m" between 29 and
+30 and "1d" between 23h45 and 24h. Memory per route is bounded: at most 60 + 96 + 168 buckets,
+each with at most 2 + 3 x HISTOGRAM_BINS entries (in practice a couple of dozen bins per
+metric, since latencies cluster within a decade or two).
 
 Histograms (DDSketch-style). A positive value x falls in bin i = ceil(log_gamma(x)), i.e.
 gamma^(i-1) < x <= gamma^i with gamma = (1 + ALPHA) / (1 - ALPHA), and the bin is reported as
@@ -28,7 +30,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
 
-from gateway.stats.base import Attempt, WindowStats
+from gateway.stats.base import Attempt, SeriesPoint, WindowStats
 
 ALPHA = 0.05
 GAMMA = (1 + ALPHA) / (1 - ALPHA)
@@ -41,10 +43,17 @@ HISTOGRAM_BINS = MAX_BIN - MIN_BIN + 1
 
 FINE_S = 60
 COARSE_S = 900
+HOUR_S = 3600
 # window name -> (bucket length, number of buckets)
 WINDOWS: dict[str, tuple[int, int]] = {"5m": (FINE_S, 5), "30m": (FINE_S, 30), "1d": (COARSE_S, 96)}
+# the dashboard's time series: span -> (bucket length, number of buckets)
+SERIES: dict[str, tuple[int, int]] = {
+    "1h": (FINE_S, 60),
+    "24h": (COARSE_S, 96),
+    "7d": (HOUR_S, 168),
+}
 # bucket length -> how long a bucket stays useful after it starts (its own length + history)
-RETENTION_S = {FINE_S: FINE_S * 30, COARSE_S: COARSE_S * 96}
+RETENTION_S = {FINE_S: FINE_S * 60, COARSE_S: COARSE_S * 96, HOUR_S: HOUR_S * 168}
 
 BucketKey = tuple[int, int]  # (bucket length s, bucket start unix s)
 
@@ -213,9 +222,22 @@ def bucket_start(at: float, length: int) -> int:
     return int(at // length) * length
 
 
-def bucket_keys_for(at: float) -> tuple[BucketKey, BucketKey]:
-    """The fine and the coarse bucket an event at `at` lands in."""
-    return (FINE_S, bucket_start(at, FINE_S)), (COARSE_S, bucket_start(at, COARSE_S))
+def bucket_keys_for(at: float) -> tuple[BucketKey, BucketKey, BucketKey]:
+    """The fine, the coarse and the hour bucket an event at `at` lands in."""
+    return (
+        (FINE_S, bucket_start(at, FINE_S)),
+        (COARSE_S, bucket_start(at, COARSE_S)),
+        (HOUR_S, bucket_start(at, HOUR_S)),
+    )
+
+
+def series_keys(span: str, now: float) -> list[BucketKey]:
+    """The buckets of a dashboard series, oldest first (ValueError for an unknown span)."""
+    if span not in SERIES:
+        raise ValueError(f"span must be one of {', '.join(SERIES)}")
+    length, count = SERIES[span]
+    current = bucket_start(now, length)
+    return [(length, current - i * length) for i in range(count - 1, -1, -1)]
 
 
 def in_window(key: BucketKey, window: str, now: float) -> bool:
@@ -344,3 +366,7 @@ def window_stats(parts: Iterable[Bucket]) -> WindowStats:
 
 # The windows of a route with no history: one shared, read-only constant (pickles to a dict).
 EMPTY_WINDOWS: Mapping[str, WindowStats] = LazyWindows(lambda _name: WindowStats())
+
+
+def series_point(key: BucketKey, bucket: Bucket | None) -> SeriesPoint:
+    return SeriesPoint(key[1], bucket.stats() if bucket is not None else WindowStats())

@@ -5,9 +5,11 @@ Every forward here keeps the signature and the meaning of the model.py method it
 instance, so the model's classes stay untouched and `install(model, "torch")` undoes it.
 
 Quantized experts live on the MoE module as buffers `w1_qweight`, `w1_scales` (same for w3,
-w2) in place of the `w1` parameter, with `expert_format` and `expert_quant` (group size and
-input features per matrix) beside them; `expert_weights(moe)` gives them back as
-QuantizedWeight views. Quantized dense projections are `QuantizedLinear` modules.
+w2) in place of the `w1` parameter, with `expert_format` and `expert_quant` (group size, input
+features and pack step per matrix) beside them. They are stored in the packed layout
+(packed.py: repacked once, at attach time, so the kernels stream them contiguously);
+`expert_weights(moe)` gives them back as PackedWeight views. Quantized dense projections are
+`QuantizedLinear` modules (the plain QuantizedWeight layout).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import nn
 from . import reference
 from .decode_attention import decode_attention, write_kv_
 from .fused_moe import fused_moe
+from .packed import PackedWeight, repack
 from .quant import QuantizedWeight, dequant_matmul
 from .reference import ExpertWeight
 from .rmsnorm import add_rms_norm, rms_norm
@@ -33,19 +36,20 @@ EXPERT_MATRICES = ("w1", "w3", "w2")
 # -- quantized weights on modules --------------------------------------------------------------
 
 
-def attach_expert_weight(moe: Any, name: str, weight: QuantizedWeight) -> None:
-    """Replace MoE parameter `name` (w1, w2 or w3) by the quantized buffers of `weight`."""
+def attach_expert_weight(moe: Any, name: str, weight: QuantizedWeight | PackedWeight) -> None:
+    """Replace MoE parameter `name` (w1, w2 or w3) by the packed buffers of `weight`."""
+    packed = repack(weight) if isinstance(weight, QuantizedWeight) else weight
     if name not in EXPERT_MATRICES:
         raise ValueError(f"not an expert matrix: {name!r}")
     fmt = getattr(moe, "expert_format", "bf16")
     if fmt not in ("bf16", weight.format):
         raise ValueError(f"{name} is {weight.format} but the other experts are {fmt}")
     moe._parameters.pop(name, None)
-    moe.register_buffer(f"{name}_qweight", weight.qweight)
-    moe.register_buffer(f"{name}_scales", weight.scales)
+    moe.register_buffer(f"{name}_qweight", packed.codes)
+    moe.register_buffer(f"{name}_scales", packed.scales)
     moe.expert_format = weight.format
-    quant: dict[str, tuple[int, int]] = moe.__dict__.setdefault("expert_quant", {})
-    quant[name] = (weight.group_size, weight.in_features)
+    quant: dict[str, tuple[int, int, int]] = moe.__dict__.setdefault("expert_quant", {})
+    quant[name] = (packed.group_size, packed.in_features, packed.pack_k)
 
 
 def is_quantized(moe: Any) -> bool:
@@ -53,16 +57,16 @@ def is_quantized(moe: Any) -> bool:
 
 
 def expert_weights(moe: Any) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
-    """(w1, w3, w2) of a MoE module: its parameters, or QuantizedWeight views of its buffers."""
+    """(w1, w3, w2) of a MoE module: its parameters, or PackedWeight views of its buffers."""
     if not is_quantized(moe):
         return moe.w1, moe.w3, moe.w2
     fmt = moe.expert_format
     views = []
     for name in EXPERT_MATRICES:
-        group, in_features = moe.expert_quant[name]
-        qweight = getattr(moe, f"{name}_qweight")
+        group, in_features, pack_k = moe.expert_quant[name]
+        codes = getattr(moe, f"{name}_qweight")
         scales = getattr(moe, f"{name}_scales")
-        views.append(QuantizedWeight(fmt, qweight, scales, group, in_features))
+        views.append(PackedWeight(fmt, codes, scales, group, pack_k, in_features))
     return views[0], views[1], views[2]
 
 

@@ -16,115 +16,29 @@ K loop by the helpers in quant.py).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import torch
 
-from .quant import (
-    FMT_FLOAT,
-    FMT_INT4,
-    QuantizedWeight,
-    accumulate_weight_tile,
-    finish_channel_scale,
-    weight_tile_ptrs,
-)
+from . import moe_configs, packed_moe
+from .moe_configs import MoELaunch
+from .moe_tiles import AlignedRouting, MoEGemmConfig, choose_config, moe_align_block_size
+from .packed import PackedWeight
+from .quant import FMT_FLOAT, FMT_INT4, QuantizedWeight
 from .reference import ExpertWeight, route
-from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, sm_count, tl
+from .runtime import HAS_TRITON, cdiv, check_device, interpreting, launch_options, tl
 from .runtime import triton as _triton
 
-
-@dataclass(frozen=True)
-class MoEGemmConfig:
-    """Tile sizes of one grouped GEMM launch (see `choose_config`)."""
-
-    block_m: int
-    block_n: int
-    block_k: int
-    group_m: int = 1
-    split_k: int = 1
-    num_warps: int = 4
-    num_stages: int = 3
-
-
-@dataclass
-class AlignedRouting:
-    """The (token, expert) pairs sorted by expert and padded per expert to block_m.
-
-    sorted_ids: int32 [capacity]: row index into the flattened [M*k] pairs; padding holds M*k.
-    expert_ids: int32 [capacity // block_m]: the expert of each block (blocks past the end: 0).
-    num_padded: int32 [1]: used length of sorted_ids (a tensor, so nothing syncs to the host).
-    """
-
-    sorted_ids: torch.Tensor
-    expert_ids: torch.Tensor
-    num_padded: torch.Tensor
-    block_m: int
-
-
-def moe_align_block_size(topk_ids: torch.Tensor, n_experts: int, block_m: int) -> AlignedRouting:
-    """Group the M*k routed pairs by expert, each expert's run padded to a multiple of block_m.
-
-    Pure tensor ops without data-dependent shapes: the capacity is the worst case
-    M*k + min(M*k, E) * (block_m - 1), so the same code runs inside a CUDA graph.
-    """
-    flat = topk_ids.flatten().to(torch.int64)  # [M*k]
-    n_pairs = flat.numel()
-    device = flat.device
-    capacity = cdiv(n_pairs + min(n_pairs, n_experts) * (block_m - 1), block_m) * block_m
-    counts = torch.zeros(n_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, flat, torch.ones_like(flat))
-    padded = (counts + block_m - 1) // block_m * block_m  # [E]
-    padded_end = padded.cumsum(0)
-    padded_start = padded_end - padded
-    order = torch.argsort(flat, stable=True)  # pair indices grouped by expert
-    expert_of = flat[order]
-    first_of_expert = counts.cumsum(0) - counts  # index in `order` where each expert starts
-    rank = torch.arange(n_pairs, device=device) - first_of_expert[expert_of]
-    sorted_ids = torch.full((capacity,), n_pairs, dtype=torch.int32, device=device)
-    sorted_ids[padded_start[expert_of] + rank] = order.to(torch.int32)
-    block_starts = torch.arange(0, capacity, block_m, device=device)
-    expert_ids = torch.searchsorted(padded_end, block_starts, right=True)
-    expert_ids = expert_ids.clamp_max(n_experts - 1).to(torch.int32)
-    num_padded = padded_end[-1:].to(torch.int32)
-    return AlignedRouting(sorted_ids, expert_ids, num_padded, block_m)
-
-
-def choose_config(
-    n_tokens: int, top_k: int, n_experts: int, n: int, k: int, fmt: int, device: torch.device
-) -> MoEGemmConfig:
-    """Tile heuristics for H100/H200 class GPUs (132 SMs, 50 MB L2), by rows per expert.
-
-    Decode (a handful of rows per expert) is a weight-streaming GEMV: small BLOCK_M, long K
-    blocks, deep pipelines, and split-K when the N tiles alone cannot fill the SMs. Prefill is
-    compute bound: large square-ish tiles and GROUP_M swizzling so weight tiles stay in L2.
-    int4 needs BLOCK_K to divide the quantization group (128).
-    """
-    rows_per_expert = n_tokens * top_k / max(1, min(n_experts, n_tokens * top_k))
-    if rows_per_expert <= 16:
-        config = MoEGemmConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    elif rows_per_expert <= 64:
-        config = MoEGemmConfig(block_m=32, block_n=64, block_k=128, group_m=4, num_stages=4)
-    elif rows_per_expert <= 256:
-        config = MoEGemmConfig(block_m=64, block_n=128, block_k=64, group_m=8, num_warps=4)
-    else:
-        config = MoEGemmConfig(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8)
-    if fmt == FMT_FLOAT and config.block_k > 64 and rows_per_expert > 16:
-        config = replace(config, block_k=64)
-    pairs = n_tokens * top_k
-    blocks_m = cdiv(pairs + min(pairs, n_experts) * (config.block_m - 1), config.block_m)
-    programs = blocks_m * cdiv(n, config.block_n)
-    target = 2 * sm_count(device)
-    if programs < target and rows_per_expert <= 16:
-        k_blocks = cdiv(k, config.block_k)
-        split_k = min(cdiv(target, programs), max(1, k_blocks // 8), 16)
-        config = replace(config, split_k=max(1, split_k))
-    return config
+if HAS_TRITON:  # the tile helpers exist only where triton does
+    from .quant import accumulate_weight_tile, finish_channel_scale, weight_tile_ptrs
 
 
 def _weight_parts(weight: ExpertWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
     """(codes or weights, scales, format code, group size, N) of a stacked [E, N, K] weight."""
     if isinstance(weight, QuantizedWeight):
         return weight.qweight, weight.scales, weight.code, weight.group_size, weight.out_features
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError("packed weights run in packed_moe (fused_experts dispatches them)")
     return weight, weight, FMT_FLOAT, 1, int(weight.shape[1])
 
 
@@ -268,13 +182,29 @@ def fused_experts(
     w2: ExpertWeight,
     config: MoEGemmConfig | None = None,
     down_config: MoEGemmConfig | None = None,
+    launch: MoELaunch | None = None,
 ) -> torch.Tensor:
     """Triton experts for already-routed tokens: x [M, K], topk_* [M, k] -> [M, K] (x's dtype).
 
     `config` / `down_config` override the heuristic tiles (benchmarks and tests); the routing
-    is aligned once, to the first GEMM's BLOCK_M, which both GEMMs share.
+    is aligned once, to the first GEMM's BLOCK_M, which both GEMMs share. Packed experts (the
+    layout quantize-at-load stores) run packed_moe's kernels, with moe_configs' launch (tuned
+    per device and M bucket, `launch` overrides it); bf16 experts read a tuned file as well.
     """
+    if isinstance(w1, PackedWeight):
+        assert isinstance(w3, PackedWeight) and isinstance(w2, PackedWeight)
+        return packed_moe.packed_experts(x, topk_weights, topk_ids, w1, w3, w2, launch)
     check_device(x)
+    if config is None and launch is None and isinstance(w1, torch.Tensor):
+        launch = moe_configs.tuned_launch(x.device, "bf16", int(w1.shape[0]), topk_ids.shape[1],
+                                          x.shape[1], int(w1.shape[1]), x.shape[0])  # fmt: skip
+    if launch is not None:
+        if launch.strategy == "dequant" and isinstance(w1, torch.Tensor):
+            if not packed_moe.capturing(x):  # bf16 "dequant": per-expert cuBLAS, as stored
+                assert isinstance(w3, torch.Tensor) and isinstance(w2, torch.Tensor)
+                return packed_moe.dense_experts(x, topk_weights, topk_ids, w1, w3, w2)
+        else:
+            config, down_config = config or launch.gate_up, down_config or launch.down
     n_tokens, dim = x.shape
     top_k = topk_ids.shape[1]
     w1_codes, _, fmt, _, inter = _weight_parts(w1)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .packed import PackedWeight
 from .quant import QuantizedWeight
 
-ExpertWeight = torch.Tensor | QuantizedWeight
+ExpertWeight = torch.Tensor | QuantizedWeight | PackedWeight
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -104,7 +105,7 @@ def decode_attention(
 
 def quantized_matmul(x: torch.Tensor, weight: ExpertWeight) -> torch.Tensor:
     """x [..., K] @ dequant(W [N, K])^T in fp32, cast back to x's dtype (quant.dequant_matmul)."""
-    w = weight.dequantize(torch.float32) if isinstance(weight, QuantizedWeight) else weight.float()
+    w = weight.float() if isinstance(weight, torch.Tensor) else weight.dequantize(torch.float32)
     return (x.float() @ w.t()).to(x.dtype)
 
 
@@ -120,6 +121,8 @@ def route(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
 
 def expert_matrix(weight: ExpertWeight, expert: int, dtype: torch.dtype) -> torch.Tensor:
     """Expert `expert` of a stacked [E, N, K] weight as a dense [N, K] matrix."""
+    if isinstance(weight, PackedWeight):
+        return weight.expert(expert).dequantize(dtype)
     if isinstance(weight, QuantizedWeight):
         single = QuantizedWeight(
             weight.format,
@@ -130,6 +133,15 @@ def expert_matrix(weight: ExpertWeight, expert: int, dtype: torch.dtype) -> torc
         )
         return single.dequantize(dtype)
     return weight[expert].to(dtype)
+
+
+def n_stacked(weight: ExpertWeight) -> int:
+    """E of a stacked [E, N, K] weight, whatever its format."""
+    if isinstance(weight, PackedWeight):
+        return int(weight.codes.shape[0])
+    if isinstance(weight, QuantizedWeight):
+        return int(weight.qweight.shape[0])
+    return int(weight.shape[0])
 
 
 def moe_experts(
@@ -145,7 +157,7 @@ def moe_experts(
     x: [M, K]; w1, w3: [E, I, K]; w2: [E, K, I]. Each expert runs once on the tokens routed to
     it (experts with no tokens are skipped). Math in fp32, result in x's dtype.
     """
-    n_experts = int(w1.shape[0]) if isinstance(w1, torch.Tensor) else int(w1.qweight.shape[0])
+    n_experts = n_stacked(w1)
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     for expert in range(n_experts):
         token_idx, slot = torch.where(topk_ids == expert)  # tokens routed here, and which of k

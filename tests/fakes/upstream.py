@@ -195,8 +195,10 @@ class _Handler:
             retry_after = fault.retry_after if fault else None
             headers = ((b"retry-after", retry_after.encode()),) if retry_after else ()
             return await send_json(self.send, 429, {"error": {"message": "rate limited"}}, headers)
-        if kind == "http_401":
-            return await send_json(self.send, 401, {"error": {"message": "invalid api key"}})
+        if kind == "http_401":  # echoes the key it refused, as some providers do
+            key = dict(self.scope["headers"]).get(b"authorization", b"").decode()
+            error = {"error": {"message": f"invalid api key: {key}", "type": "auth"}}
+            return await send_json(self.send, 401, error)
         if kind == "http_400":
             return await send_json(self.send, 400, {"error": {"message": "bad parameter: foo"}})
         if kind == "stall_headers":

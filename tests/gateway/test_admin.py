@@ -74,11 +74,13 @@ async def test_token_required_bearer_and_login_cookie() -> None:
         signed_in = await client.get("/admin", cookies={COOKIE: cookie})
         assert signed_in.status_code == 200 and LEPTON in signed_in.text
 
-        expires, mac = cookie.split(".")
-        tampered = f"{int(expires) + 3600}.{mac}"
+        expires, name, mac = cookie.split(".")
+        assert name == "admin"  # no name given at sign-in
+        tampered = f"{int(expires) + 3600}.{name}.{mac}"
+        renamed = f"{expires}.mallory.{mac}"  # the name is signed too
         expired = session_cookie(TOKEN, now=time.time() - 2 * SESSION_S)
         other_token = session_cookie("another-token")
-        for bad in (tampered, expired, other_token, "garbage"):
+        for bad in (tampered, renamed, expired, other_token, "garbage"):
             client.cookies.clear()
             response = await client.get("/admin/api/prices", cookies={COOKIE: bad})
             assert response.status_code == 401, bad

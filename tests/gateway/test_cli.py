@@ -33,12 +33,13 @@ from tests.gateway.routing_fixtures import (
     small_catalog_data,
 )
 
-SCRIPT = Path(sys.executable).parent / "gateway"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def gateway_cmd() -> list[str]:
-    # the installed console script (gateway = gateway.cli:main), else the module itself
-    return [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "gateway.cli"]
+    # the code of this checkout (an installed console script may point at another one);
+    # tests/gateway/test_packaging.py runs the console script of a fresh wheel install
+    return [sys.executable, "-m", "gateway.cli"]
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -51,7 +52,12 @@ def clean_env(**extra: str) -> dict[str, str]:
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*gateway_cmd(), *args], env=clean_env(**env), capture_output=True, text=True, timeout=60
+        [*gateway_cmd(), *args],
+        env=clean_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
     )
 
 
@@ -87,6 +93,10 @@ def test_cheapest_json_ranks_by_cost_for_the_mix() -> None:
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """`gateway ARGS` through gateway.cli.main in this process: (exit status, stdout, stderr)."""
+    return make_in_process(monkeypatch, capsys)
+
+
+def make_in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     for name in list(os.environ):
         if name not in clean_env():
             monkeypatch.delenv(name)
@@ -96,8 +106,8 @@ def in_process(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[st
     def call(*args: str) -> tuple[int, str, str]:
         try:
             status = main(list(args))
-        except SystemExit as exc:  # argparse errors
-            status = int(exc.code or 0)
+        except SystemExit as exc:  # main() returns its status; this would be a bug
+            status = -1 if exc.code is None else int(exc.code)
         out, err = capsys.readouterr()
         return status, out, err
 
@@ -131,14 +141,15 @@ def test_cheapest_table_and_routes_table(in_process: Any) -> None:
     assert status == 0 and f"cheapest usable route: {LEPTON}" in out
     status, out, _ = in_process("routes")
     assert status == 0
-    lines = {line.split()[1]: line.split() for line in out.splitlines()[1:] if line}
     catalog = load_catalog(DEFAULT_CONFIG)
+    ids = {route.id for route in catalog.routes()}
+    lines = {line.split()[0]: line.split() for line in out.splitlines() if line.split()[:1]}
     for route in catalog.routes():
-        row = lines[route.id]
-        assert row[0] == route.model and row[2] == route.provider
-        assert float(row[4]) == pytest.approx(route.input_price, rel=1e-3)
-        assert row[6] == str(route.context)
-    assert lines[LEPTON][7] == "yes" and lines[OPENROUTER][7] == "no"
+        row = lines[route.id]  # route, in/out, context, status..., up 30m, up 1d
+        assert row[1] == f"{route.input_price:.2f}/{route.output_price:.2f}"
+        assert row[2] == f"{route.context:,}"
+    assert lines[LEPTON][3] == "live" and lines[OPENROUTER][3:5] == ["no", "key"]
+    assert "OPENROUTER_API_KEY" in out and len(ids & set(lines)) == len(ids)
     assert KEYS["LEPTON_API_KEY"] not in out
     status, out, _ = in_process("routes", "--json")
     listed = json.loads(out)["routes"]
@@ -225,6 +236,7 @@ def test_serve_answers_on_the_given_port() -> None:
     process = subprocess.Popen(
         [*gateway_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port)],
         env=clean_env(**KEYS, LOG_LEVEL="warning"),
+        cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,

@@ -30,11 +30,10 @@ async def test_list_is_openai_shaped_and_the_sdk_reads_it() -> None:
             entry = entries[model.id]
             assert entry["object"] == "model" and isinstance(entry["created"], int)
             assert entry["owned_by"] == model.weights.split("/")[0]
-            assert "alias_of" not in entry
-            for alias in model.aliases:
-                if alias.lower() != model.id.lower():
-                    listed = [m for m in body["data"] if m["id"].lower() == alias.lower()]
-                    assert len(listed) == 1 and listed[0]["alias_of"] == model.id
+            # aliases are a field of their model, not entries of their own (OpenRouter's way)
+            names = {a.lower() for a in model.aliases} - {model.id.lower()}
+            assert {a.lower() for a in entry["aliases"]} == names
+        assert len(body["data"]) == len(catalog.models)
 
 
 def test_the_openai_sdk_lists_and_retrieves_models(gateway: Gateway) -> None:
@@ -74,17 +73,50 @@ async def test_endpoints_per_route_with_prices_status_and_health() -> None:
         assert lepton["effective_price_per_1m"]["overridden"] is False
         assert float(lepton["pricing"]["prompt"]) == 0.5e-6  # OpenRouter: USD per token
         assert lepton["context_length"] == routes[LEPTON].context
-        assert lepton["status"] == "available"
+        assert (lepton["status"], lepton["state"]) == (0, "available")
         assert lepton["uptime"]["5m"] == 0.9 and lepton["uptime_last_30m"] == 90.0
+        assert lepton["uptime_last_5m"] == 90.0 and lepton["uptime_last_1d"] == 90.0
         assert 1.0 <= lepton["latency"]["p50_s"] <= 1.9 and lepton["ttft"]["p50_s"] > 0
         assert lepton["tokens_per_s"] > 0
 
-        assert endpoints[DEEPINFRA]["status"] == "circuit_open"
+        assert (endpoints[DEEPINFRA]["status"], endpoints[DEEPINFRA]["state"]) == (
+            -3,
+            "circuit_open",
+        )
         assert endpoints[DEEPINFRA]["uptime"]["5m"] == 0.0
-        assert endpoints[NOVITA]["status"] == "no_key"
+        assert (endpoints[NOVITA]["status"], endpoints[NOVITA]["state"]) == (-5, "no_key")
         assert endpoints[NOVITA]["uptime"] == {"5m": None, "30m": None, "1d": None}
-        assert endpoints[LOCAL]["status"] == "not_configured"
+        assert (endpoints[LOCAL]["status"], endpoints[LOCAL]["state"]) == (-10, "not_configured")
         assert endpoints[LOCAL]["last_resort"] is True
+
+
+async def test_endpoints_carry_openrouters_fields() -> None:
+    settings = hermetic_settings(lepton_api_key="k-lepton", deepinfra_api_key="k-deepinfra")
+    async with running_app(settings) as (app, client):
+        stats = app.state.gw.stats
+        for i in range(4):  # lepton: 3 successes, then a failure -> degraded, still serving
+            stats.record_attempt(
+                Attempt(LEPTON, ok=i < 3, latency_s=1.0, ttft_s=0.25, completion_tokens=50)
+            )
+        await stats.flush()
+        await stats.refresh()
+        data = (await client.get(f"/v1/models/{WIZARD}/endpoints")).json()["data"]
+    endpoints = {e["route"]: e for e in data["endpoints"]}
+    lepton, deepinfra = endpoints[LEPTON], endpoints[DEEPINFRA]
+    assert (lepton["status"], lepton["state"]) == (-1, "degraded")
+    assert lepton["model_name"] == "WizardLM-2 8x22B" and lepton["quantization"] == "unknown"
+    assert lepton["uptime_last_30m"] == 75.0
+    latency = lepton["latency_last_30m"]
+    assert set(latency) == {"p50", "p75", "p90", "p99"}
+    assert abs(latency["p50"] - 0.25) < 0.02 and latency["p75"] is None
+    assert lepton["throughput_last_30m"]["p50"] > 0
+    assert deepinfra["latency_last_30m"]["p50"] is None  # no traffic, no made-up figure
+    # the router's own limit: DeepInfra reserves its default 512 completion tokens
+    assert lepton["max_prompt_tokens"] == 65535 and deepinfra["max_prompt_tokens"] == 65536 - 512
+    assert "temperature" in lepton["supported_parameters"]
+    for route in real_catalog().models[WIZARD].routes:
+        supported = set(endpoints[route.id]["supported_parameters"])
+        assert not supported & route.unsupported_params
 
 
 async def test_unknown_model_is_an_openai_404() -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.testing import assert_close
+import torch.nn.functional as F
 
 from local_backend.kernels import reference
 from local_backend.kernels.fused_moe import (
@@ -19,6 +19,7 @@ from local_backend.kernels.fused_moe import (
     fused_moe,
     moe_align_block_size,
 )
+from local_backend.kernels.packed import repack
 from local_backend.kernels.quant import FMT_FLOAT, FMT_INT4, quantize
 from local_backend.kernels.reference import ExpertWeight
 from local_backend.model import MoE
@@ -160,6 +161,7 @@ def test_reference_matches_model_moe() -> None:
 
 def test_reference_matches_transformers_block() -> None:
     """...and transformers' MixtralSparseMoeBlock, an independent implementation."""
+    pytest.importorskip("transformers")  # a dev dependency: `.[local]` alone has none
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
@@ -178,22 +180,62 @@ def test_reference_matches_transformers_block() -> None:
     assert_near(reference.moe(x[0], x[0] @ gate.t(), TOP_K, w1, w3, w2), expected, FP32)
 
 
+def torch_bf16_moe(
+    x: torch.Tensor, logits: torch.Tensor, top_k: int, *experts: ExpertWeight
+) -> torch.Tensor:
+    """The torch backend's arithmetic: each hit expert as a bf16 matrix, bf16 matmuls (fp32
+    accumulation inside cuBLAS), the intermediate rounded to bf16, as MoE.forward does."""
+    weights, ids = reference.route(logits, top_k)
+    w1, w3, w2 = experts
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for expert in range(reference.n_stacked(w1)):
+        tokens, slot = torch.where(ids == expert)
+        if tokens.numel() == 0:
+            continue
+        xe = x[tokens]
+        gate = xe @ reference.expert_matrix(w1, expert, x.dtype).t()
+        up = xe @ reference.expert_matrix(w3, expert, x.dtype).t()
+        down = (F.silu(gate) * up) @ reference.expert_matrix(w2, expert, x.dtype).t()
+        out.index_add_(0, tokens, down.float() * weights[tokens, slot, None])
+    return out.to(x.dtype)
+
+
+def relative_error(actual: torch.Tensor, exact: torch.Tensor) -> float:
+    """Relative Frobenius error ||actual - exact|| / ||exact||."""
+    return float((actual.float() - exact).norm() / exact.norm())
+
+
 @pytest.mark.gpu
 @requires_triton
 @pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
-@pytest.mark.parametrize("n_tokens", [1, 16, 512])
+@pytest.mark.parametrize("n_tokens", [1, 16, 64, 512, 4096])
 def test_fused_moe_8x22b_shapes_gpu(fmt: str, n_tokens: int) -> None:
-    """Real 8x22B expert shapes (hidden 6144, intermediate 16384, 8 experts) on CUDA."""
+    """Real 8x22B expert shapes (hidden 6144, intermediate 16384, 8 experts) on CUDA, int8 /
+    int4 experts in the packed layout the loader stores (every strategy: scan at 1 and 16
+    tokens, aligned at 64 and 512, dequant at 4096, or what a tuned config picks).
+
+    Why a norm-wise bound and not an elementwise one: each output is a sum over 16384 bf16
+    products whose intermediate is rounded to bf16 (2^-8 relative), so an output that nearly
+    cancels has an arbitrarily large relative error, and an elementwise atol at 1% of the RMS
+    was exceeded by 3-5 of 3.1M elements at 512 tokens on an H200: a tail event of rounding,
+    not a kernel bug. The judge is an fp32 reference (same quantized weights, same bf16 input,
+    fp32 arithmetic throughout): the kernel's relative Frobenius error against it must be
+    within 2x the error of the bf16 torch path (the arithmetic the model's own forward uses)
+    against the same reference. Rounding noise of a correct kernel sits near 1x; a wrong
+    index, scale, nibble or mask moves the error to O(1), hundreds of times the bound.
+    """
     dim, inter = 6144, 16384
     device = torch.device("cuda")
-    experts = tuple(
-        quantize(torch.randn(shape, device=device, dtype=torch.bfloat16) * shape[-1] ** -0.5, fmt)
-        for shape in ((E, inter, dim), (E, inter, dim), (E, dim, inter))
-    )
+    experts = []
+    for shape in ((E, inter, dim), (E, inter, dim), (E, dim, inter)):
+        weight = quantize(
+            torch.randn(shape, device=device, dtype=torch.bfloat16) * shape[-1] ** -0.5, fmt
+        )
+        experts.append(weight if isinstance(weight, torch.Tensor) else repack(weight))
     x = torch.randn(n_tokens, dim, device=device, dtype=torch.bfloat16)
     logits = torch.randn(n_tokens, E, device=device)
-    out = fused_moe(x, logits, TOP_K, *experts).float()
-    expected = reference.moe(x, logits, TOP_K, *experts).float()  # type: ignore[arg-type]
-    # K = 16384 long bf16 dot products: compare at the scale of the output, 1% of its RMS
-    scale = expected.pow(2).mean().sqrt().item()
-    assert_close(out, expected, atol=1e-2 * scale, rtol=2e-2)
+    exact = reference.moe(x.float(), logits, TOP_K, *experts)  # fp32 in, fp32 math, fp32 out
+    kernel_error = relative_error(fused_moe(x, logits, TOP_K, *experts), exact)
+    torch_error = relative_error(torch_bf16_moe(x, logits, TOP_K, *experts), exact)
+    assert 0 < torch_error < 2e-2  # the reference itself is sane: bf16 noise, ~0.3-1%
+    assert kernel_error <= 2.0 * torch_error, (kernel_error, torch_error)

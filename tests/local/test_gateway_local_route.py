@@ -175,7 +175,8 @@ def test_local_route_is_skipped_while_its_queue_is_full(start: Callable[..., Gat
         with gateway.http() as http:
             reply = http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES})
         assert reply.status_code == 503
-        assert reply.json()["error"]["skipped"]["local/wizardlm-2-8x22b"] == "at capacity"
+        skipped = reply.json()["error"]["skipped"]["local/wizardlm-2-8x22b"]
+        assert skipped == "at capacity (local backend queue full)"
     finally:
 
         async def release() -> None:

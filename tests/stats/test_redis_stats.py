@@ -287,8 +287,10 @@ async def test_keys_are_namespaced_and_expire(shared_redis: redis.Redis, prefix:
     assert all(ttl > 0 for ttl in keys.values())  # nothing lives forever
     fine = [ttl for key, ttl in keys.items() if key.startswith(f"{prefix}w:60:")]
     coarse = [ttl for key, ttl in keys.items() if key.startswith(f"{prefix}w:900:")]
-    assert fine and max(fine) <= 31 * 60 + 120
+    hour = [ttl for key, ttl in keys.items() if key.startswith(f"{prefix}w:3600:")]
+    assert fine and 60 * 60 < max(fine) <= 61 * 60 + 120
     assert coarse and 86_400 - 900 < max(coarse) <= 86_400 + 900 + 120
+    assert hour and 7 * 86_400 - 3600 < max(hour) <= 7 * 86_400 + 3600 + 120
     assert 35 * 86_400 <= kinds["u"] <= 36 * 86_400
     field = next(iter(shared_redis.hkeys(f"{prefix}u:{utc_day(clock())}")))
     assert json.loads(field)[:3] == ["r/k", "m", "c"]

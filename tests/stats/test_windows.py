@@ -13,6 +13,7 @@ from gateway.stats.windows import (
     ALPHA,
     COARSE_S,
     FINE_S,
+    HOUR_S,
     MAX_VALUE,
     MIN_VALUE,
     Bucket,
@@ -119,7 +120,10 @@ def test_route_windows_sums_follow_adds_replaces_and_time() -> None:
     later = T0 + 26 * 60
     assert windows.window("5m", later).attempts == 0
     assert windows.window("30m", later).attempts == 8
+    # the hour buckets (the dashboard's 7d series) outlive the day: pruned after 7 days
     windows.prune(T0 + 2 * 86_400)
+    assert {key[0] for key in windows.buckets} == {HOUR_S}
+    windows.prune(T0 + 8 * 86_400)
     assert windows.buckets == {}
 
 
