@@ -57,11 +57,12 @@ pytest: $(VENV)/.dev-installed redis browser
 
 test: lint typecheck pytest test-local-minimal
 
-# The fault matrix at the issue's sizes (200 MB bodies, 500 MB gzip bombs, 300 MB SSE lines):
-# kept out of `make test` (tests/gateway/test_fault_matrix.py runs the same faults, smaller).
+# The heavy fault-suite variants (marker faults_heavy): the fault matrix at the issue's sizes
+# (200 MB bodies, 500 MB gzip bombs, 300 MB SSE lines), more fuzz examples, more hostile
+# sockets. Kept out of `make test` (which runs the same faults, smaller).
 test-faults: $(VENV)/.dev-installed redis
 	$(BIN)/pytest -q tests/gateway/test_fault_matrix.py
-	$(BIN)/pytest -q -m faults_heavy tests/gateway/test_fault_matrix_heavy.py
+	$(BIN)/pytest -q -m faults_heavy $(PYTEST_ARGS)
 
 bench-request-path: $(VENV)/.dev-installed
 	$(BIN)/python bench/request_path_faults.py --big

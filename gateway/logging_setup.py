@@ -12,14 +12,22 @@ keys, admin token) plus the credential patterns to a record's message and traceb
 runs twice over: attached to every handler of the root and uvicorn loggers, and — because a
 handler added later (or a filter on a parent logger) would not see every record — at record
 creation, through the log-record factory, so no record in the process escapes it.
+
+URLs are read as a server reads them: `?key=KEY%5Fabc` is the secret `KEY_abc`, so query strings
+and percent-encoded text are decoded before they are checked (`redact_url_text`): a query value
+whose name says credential (key, token, secret, password, signature, ...) or whose decoded text
+holds a secret is replaced by [redacted]; the rest of the line is left as it was (still encoded,
+so a decoded newline can never forge a log line).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from typing import Any
+from urllib.parse import quote, unquote, unquote_plus
 
 from gateway.errors import redact
 
@@ -28,15 +36,70 @@ _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _SECRETS: set[str] = set()  # every secret any app in this process was configured with
 
 
+_QUERY_PAIR = re.compile(r"([?&;])([^=&;#\s\"'<>]+)=([^&;#\s\"'<>]*)")
+_ENCODED_RUN = re.compile(r"[^\s\"'<>]*%[0-9A-Fa-f]{2}[^\s\"'<>]*")
+_CREDENTIAL_NAMES = frozenset(
+    {"key", "apikey", "auth", "authorization", "token", "secret", "password", "passwd", "pwd"}
+    | {"sig", "signature", "session", "sessionid", "credential", "credentials"}
+)
+_CREDENTIAL_SUFFIXES = ("_key", "_token", "_secret", "_password", "_signature", "_sig")
+_KEEP_ENCODED = "/?&=:;,@!$'()*+[]~"  # re-encoding a redacted run leaves these (and [redacted])
+
+
+def _decoded(text: str, plus: bool = False) -> str:
+    """Percent-decoded twice at most: `%254B` is `%4B` is `K` to a lenient server."""
+    for _ in range(2):
+        once = unquote_plus(text) if plus else unquote(text)
+        if once == text:
+            break
+        text = once
+    return text
+
+
+def _credential_name(name: str) -> bool:
+    name = _decoded(name, plus=True).strip().lower().replace("-", "_")
+    bare = name.replace("_", "")
+    return bare in _CREDENTIAL_NAMES or name.endswith(_CREDENTIAL_SUFFIXES)
+
+
+def redact_url_text(text: str, secrets: tuple[str, ...] = ()) -> str:
+    """Query-string values and percent-encoded runs in `text`, redacted after decoding."""
+    if "=" in text and ("?" in text or "&" in text):
+
+        def pair(match: re.Match[str]) -> str:
+            sep, name, value = match.groups()
+            if value:
+                decoded = _decoded(value, plus=True)
+                if _credential_name(name) or redact(decoded, secrets) != decoded:
+                    return f"{sep}{name}=[redacted]"
+            return match.group(0)
+
+        text = _QUERY_PAIR.sub(pair, text)
+    if "%" in text:
+
+        def run(match: re.Match[str]) -> str:
+            decoded = _decoded(match.group(0))
+            cleaned = redact(decoded, secrets)
+            return match.group(0) if cleaned == decoded else quote(cleaned, safe=_KEEP_ENCODED)
+
+        text = _ENCODED_RUN.sub(run, text)
+    return text
+
+
+def scrub(text: str, secrets: tuple[str, ...]) -> str:
+    """A log line's text with every secret gone: encoded in a URL, or as is."""
+    return redact(redact_url_text(text, secrets), secrets)
+
+
 class RedactingFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "_redacted", False):
             return True
         secrets = tuple(_SECRETS)
         if isinstance(record.msg, str):
-            record.msg = redact(record.msg, secrets)
+            record.msg = scrub(record.msg, secrets)
         else:
-            record.msg = redact(str(record.msg), secrets)
+            record.msg = scrub(str(record.msg), secrets)
         # Arguments are redacted one by one (uvicorn's access formatter unpacks them); objects
         # become their redacted text, since their str() could carry a secret.
         if isinstance(record.args, tuple):
@@ -46,9 +109,9 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
         if record.exc_text:
-            record.exc_text = redact(record.exc_text, secrets)
+            record.exc_text = scrub(record.exc_text, secrets)
         if record.stack_info:
-            record.stack_info = redact(record.stack_info, secrets)
+            record.stack_info = scrub(record.stack_info, secrets)
         record._redacted = True  # type: ignore[attr-defined]
         return True
 
@@ -56,7 +119,7 @@ class RedactingFilter(logging.Filter):
 def _scrub(value: Any, secrets: tuple[str, ...]) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
-    return redact(value if isinstance(value, str) else str(value), secrets)
+    return scrub(value if isinstance(value, str) else str(value), secrets)
 
 
 _FILTER = RedactingFilter()
@@ -104,7 +167,7 @@ class JsonFormatter(logging.Formatter):
             record.exc_text = self.formatException(record.exc_info)
         if record.exc_text:
             data["exc"] = record.exc_text
-        return redact(json.dumps(data, default=str, ensure_ascii=False), tuple(_SECRETS))
+        return scrub(json.dumps(data, default=str, ensure_ascii=False), tuple(_SECRETS))
 
 
 def _text(value: Any) -> str:

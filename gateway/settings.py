@@ -66,6 +66,8 @@ class Settings(BaseSettings):
     client_daily_budget_usd: float | None = Field(None, gt=0)
     client_limits: Annotated[dict[str, ClientLimit], NoDecode] = Field(default_factory=dict)
     gateway_admin_token: SecretStr | None = None  # absent = /admin disabled
+    # origins (https://gw.example.com) besides the Host header that may change admin state
+    gateway_admin_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
 
     # hosted providers: keys and base-URL overrides
     lepton_api_key: SecretStr | None = None
@@ -124,6 +126,15 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["text", "json"] = "text"  # json: one object per line
+    # what one process lets clients hold (gateway/api/server_limits.py documents each answer)
+    server_header_timeout_s: float = Field(10.0, gt=0)  # request line + headers, from the start
+    server_body_timeout_s: float = Field(30.0, gt=0)  # the body, from the end of the headers
+    server_keepalive_timeout_s: float = Field(5.0, gt=0)  # an idle keep-alive connection
+    server_max_header_bytes: int = Field(32 * 1024, ge=1024)  # request line + headers: 431
+    server_max_header_count: int = Field(100, ge=8)  # header fields: 431
+    server_max_connections: int = Field(2048, ge=1)  # open per process: 503 + Retry-After
+    server_max_inflight_requests: int = Field(512, ge=1)  # per process: 503 + Retry-After
+    server_retry_after_s: int = Field(1, ge=1)  # the Retry-After of those 503s
 
     @model_validator(mode="before")
     @classmethod
@@ -133,7 +144,7 @@ class Settings(BaseSettings):
             return {k: v for k, v in data.items() if not (isinstance(v, str) and v == "")}
         return data
 
-    @field_validator("gateway_api_keys", mode="before")
+    @field_validator("gateway_api_keys", "gateway_admin_origins", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:
         if isinstance(value, str):

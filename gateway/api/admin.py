@@ -5,8 +5,11 @@ it did not exist. A caller proves it knows the token with `Authorization: Bearer
 with the session cookie the login form sets: `<expiry>.<name>.<HMAC-SHA256(token, expiry,
 name)>`, so the cookie is not the token, works on every replica, dies when the token changes,
 and carries the name the admin gave at sign-in (shown in the price history; a bearer call may
-name itself with `X-Admin-User`, else "api"). The cookie is HttpOnly, SameSite=Strict (no
-cross-site form posts ride on it) and Secure under https.
+name itself with `X-Admin-User`, else "api"). The cookie is HttpOnly, SameSite=Strict and
+Secure under https; and every state-changing request (forms, JSON API, login, logout, and any
+endpoint added to this router) is refused with a 403 when its Sec-Fetch-Site / Origin / Referer
+names another site (csrf.py; GATEWAY_ADMIN_ORIGINS adds the public origins a reverse proxy
+serves the dashboard under, when it rewrites Host).
 
     GET    /admin                        the dashboard (HTML, see dashboard_views.py), or the
                                          login form (401); ?span=1h|24h|7d&by=route|model|client
@@ -30,12 +33,13 @@ import json
 import re
 import time
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from gateway.api.admin_page import dashboard_data, login_page
+from gateway.api.csrf import refuse_cross_site
 from gateway.api.dashboard_views import shell
 from gateway.api.state import GatewayState, get_state
 from gateway.errors import (
@@ -47,7 +51,15 @@ from gateway.errors import (
 )
 from gateway.stats.windows import SERIES
 
-router = APIRouter(prefix="/admin")
+
+async def _no_cross_site_writes(request: Request) -> None:
+    """The router's guard: while /admin is enabled, no state change from another site."""
+    state = get_state(request)
+    if _token(state) is not None:
+        refuse_cross_site(request, state.settings.gateway_admin_origins)
+
+
+router = APIRouter(prefix="/admin", dependencies=[Depends(_no_cross_site_writes)])
 
 COOKIE = "gw_admin"
 SESSION_S = 12 * 3600
@@ -127,16 +139,6 @@ def _authorized(request: Request, token: str) -> bool:
         return True
     cookie = request.cookies.get(COOKIE)
     return cookie is not None and _valid_cookie(token, cookie)
-
-
-def _same_origin(request: Request) -> bool:
-    """A browser form post must come from this site (SameSite already stops most others)."""
-    origin = request.headers.get("origin")
-    if origin is None:
-        return True  # not a browser, or one that sends no Origin on same-site posts
-    if origin == "null":
-        return False
-    return urlsplit(origin).netloc == request.headers.get("host", "")
 
 
 def _admin(request: Request, *, html: bool) -> tuple[GatewayState, str]:
@@ -246,8 +248,6 @@ async def set_price_form(request: Request) -> Response:
         state, token = _admin(request, html=True)
     except _Denied as denied:
         return denied.response
-    if not _same_origin(request):
-        return HTMLResponse("cross-site form post refused", status_code=403)
     by = admin_user(request, token)
     try:
         form = await _form(request)

@@ -155,6 +155,9 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         usage_sink = stats if quotas is None else cast(StatsStore, ChargingStats(stats, quotas))
         accountant = Accountant(prices, usage_sink, tokens, settings.usage_count_max_chars)
         dispatcher = Dispatcher(settings, catalog, stats, accountant, providers, metrics=metrics)
+        health.register_health_metrics(
+            metrics.registry, bool(settings.redis_url), lambda: stats.connected
+        )
         app.state.quotas = quotas
         app.state.metrics = metrics
         app.state.gw = GatewayState(

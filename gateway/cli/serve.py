@@ -58,7 +58,7 @@ def serve(
     from uvicorn.config import LOGGING_CONFIG
 
     from gateway.api.app import create_app
-    from gateway.api.http_server import GatewayHttpProtocol
+    from gateway.api.http_server import uvicorn_options
 
     log_config = copy.deepcopy(LOGGING_CONFIG)
     if settings.log_format == "json":  # uvicorn's own lines too, from the first one
@@ -66,16 +66,15 @@ def serve(
             formatter.clear()
             formatter["()"] = "gateway.logging_setup.JsonFormatter"
     try:
+        # uvicorn with our hardened httptools protocol: the server limits from settings (header
+        # and body timeouts, header size, connections and in-flight requests), a response in one
+        # write, the access log only when its level shows it
         uvicorn.run(
             create_app(settings),
             log_config=log_config,
             host=settings.host,
             port=settings.port,
-            log_level=settings.log_level,
-            # uvicorn builds every access-log line's arguments before the logger checks its
-            # level: when the level hides INFO, nothing would be written, so leave it undone.
-            access_log=settings.log_level in ("info", "debug", "trace"),
-            http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
+            **uvicorn_options(settings),
         )
     except SystemExit as exc:  # uvicorn exits 3 when it cannot start (port taken, bad host)
         if exc.code not in (0, None):
