@@ -7,7 +7,7 @@
 Until the first chunk with output, reads are limited by the first-token phase (counted from the
 response headers); after it, by the gap between reads; always by the attempt's total. Leaked
 end-of-sequence text is stripped (also across chunks), and a chunk left with nothing to say
-(no text, tool call, finish_reason or usage) is dropped. A stream that ends without [DONE] is
+(no text, tool call, role, finish_reason or usage) is dropped. A stream that ends without [DONE] is
 complete only if every choice said how it finished; otherwise it was cut.
 """
 
@@ -155,6 +155,9 @@ class OpenAIStream:
                     keep = True
             if choice.get("finish_reason") or chunk_carries_output({"choices": [choice]}):
                 keep = True
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta.get("role"):
+                keep = True  # the role chunk: clients read the speaker from the first delta
         return keep
 
 

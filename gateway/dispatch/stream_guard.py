@@ -135,12 +135,15 @@ class StreamGuard:
         choices = chunk.get("choices")
         if not choices:
             return None
+        role = b""
         if self._id is None:
             self._id, self._created, self._object = (
                 chunk.get("id"),
                 chunk.get("created"),
                 chunk.get("object"),
             )
+            if self._ctx.endpoint == "chat" and not _has_role(choices):
+                role = self._role_event(chunk)
         elif self._segments:
             chunk["id"], chunk["created"] = self._id, self._created
         chunk["model"] = self._seg.model.id
@@ -162,6 +165,30 @@ class StreamGuard:
                 self._seg_text.setdefault(index, []).append(output_text([delta]))
             if choice.get("finish_reason"):
                 self._finished.add(index)
+        return role + b"data: " + _dumps(chunk) + b"\n\n"
+
+    def _role_event(self, first: dict[str, Any]) -> bytes:
+        """OpenAI's first chunk, for an upstream that sent none: every choice's speaker, with
+        empty content and no output (clients read `delta.role` from the first chunk)."""
+        indexes = sorted(
+            {c.get("index", 0) for c in first["choices"] if isinstance(c, dict)} or {0}
+        )
+        chunk = {
+            "id": self._id,
+            "object": self._object or "chat.completion.chunk",
+            "created": self._created,
+            "model": self._seg.model.id,
+            "provider": self._seg.route.provider,
+            "choices": [
+                {
+                    "index": i,
+                    "delta": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                for i in indexes
+            ],
+        }
         return b"data: " + _dumps(chunk) + b"\n\n"
 
     def _tail(self) -> list[bytes]:
@@ -311,6 +338,14 @@ class StreamGuard:
     def _observe_failure(self, kind: str) -> None:
         if self._d.metrics is not None:
             self._d.metrics.observe_failed_request(self._seg.model.id, kind, self._seg.route.id)
+
+
+def _has_role(choices: list[Any]) -> bool:
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and delta.get("role"):
+            return True
+    return False
 
 
 def _chunk_object(endpoint: str) -> str:

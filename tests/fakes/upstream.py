@@ -50,6 +50,7 @@ FAULT_KINDS = (
     "malformed",  # a body / first event that is not JSON
     "malformed_after_first",  # `after` content chunks, then an event that is not JSON
     "no_usage",  # a normal answer that reports no usage (even when asked)
+    "no_role_chunk",  # a stream that starts with content: no {"role": "assistant"} delta
 )
 
 
@@ -296,7 +297,7 @@ class _Handler:
             }
         )
         out = self.p.keepalive()
-        if chat and not sample:
+        if chat and not sample and kind != "no_role_chunk":
             out += self.p.encode_event(chunk("", role=True))
         if kind == "malformed":
             out += self.p.encode_event("{not json")
