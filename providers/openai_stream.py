@@ -71,6 +71,7 @@ class OpenAIStream:
         started = False  # a chunk with output arrived: from now on only the gap limit applies
         finished: set[int] = set()
         choices_seen: set[int] = set()
+        announced: set[int] = set()  # choices whose first chunk was kept (the role chunk)
         try:
             while True:
                 data = await self._read(started)
@@ -85,7 +86,7 @@ class OpenAIStream:
                             choices_seen.add(index)
                             if choice.get("finish_reason"):
                                 finished.add(index)
-                    if stripper is not None and not self._strip_chunk(stripper, chunk):
+                    if stripper is not None and not self._strip_chunk(stripper, chunk, announced):
                         continue
                     if not started and chunk_carries_output(chunk):
                         started = True
@@ -135,8 +136,9 @@ class OpenAIStream:
         return chunk
 
     @staticmethod
-    def _strip_chunk(stripper: TextStripper, chunk: dict[str, Any]) -> bool:
-        """Strip leaked text in place; False when the chunk is left with nothing to say."""
+    def _strip_chunk(stripper: TextStripper, chunk: dict[str, Any], announced: set[int]) -> bool:
+        """Strip leaked text in place; False when the chunk is left with nothing to say.
+        A choice's first chunk says its role and is kept for that; `announced`: choices seen."""
         keep = bool(chunk.get("usage"))
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
@@ -156,8 +158,9 @@ class OpenAIStream:
             if choice.get("finish_reason") or chunk_carries_output({"choices": [choice]}):
                 keep = True
             delta = choice.get("delta")
-            if isinstance(delta, dict) and delta.get("role"):
+            if isinstance(delta, dict) and delta.get("role") and index not in announced:
                 keep = True  # the role chunk: clients read the speaker from the first delta
+            announced.add(index)
         return keep
 
 
