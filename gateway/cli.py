@@ -1,6 +1,6 @@
 """The `gateway` command: serve, routes, cheapest.
 
-    gateway serve [--host H] [--port P] [--config pricing.yaml]
+    gateway serve [--host H] [--port P] [--workers N] [--config pricing.yaml]
     gateway routes [--config PATH] [--json]
     gateway cheapest --model M --prompt-tokens N [--max-tokens K] [--config PATH] [--json]
 
@@ -228,27 +228,15 @@ def cmd_cheapest(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    settings = load_settings(args.config, **overrides)
+    given = {"host": args.host, "port": args.port, "workers": args.workers}
+    settings = load_settings(args.config, **{k: v for k, v in given.items() if v is not None})
     try:
         load_catalog(settings.gateway_config)  # fail fast, with the file and field named
     except CatalogError as exc:
         raise CliError(str(exc)) from None
-    import uvicorn
+    from gateway.api.serving import serve
 
-    from gateway.api.app import create_app
-    from gateway.api.http_server import GatewayHttpProtocol
-
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        # uvicorn builds every access-log line's arguments before the logger checks its level:
-        # when the level hides INFO, nothing would be written, so leave the work undone.
-        access_log=settings.log_level.lower() in ("info", "debug", "trace"),
-        http=GatewayHttpProtocol,  # uvicorn's httptools protocol, a response in one write
-    )
+    serve(settings, config_path=args.config)
     return 0
 
 
@@ -277,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[config], help="run the HTTP gateway")
     serve.add_argument("--host")
     serve.add_argument("--port", type=_count(1))
+    serve.add_argument(
+        "--workers", type=_count(1), help="processes, one per core to use (default: WORKERS or 1)"
+    )
     serve.set_defaults(func=cmd_serve)
 
     routes = sub.add_parser("routes", parents=[config], help="every route, price and uptime")
