@@ -11,12 +11,15 @@ Http1Response   what `Http1Transport.request()` returns: status, raw headers, th
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 import httptools
 import httpx
+
+from providers.upstream_wait import add_blocked
 
 Origin = tuple[bytes, str, int]
 _HIGH_WATER = 1 << 20  # unread body bytes before the socket stops reading
@@ -37,6 +40,7 @@ class Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        self._woke_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -108,10 +112,15 @@ class Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
+            self._woke_at = time.perf_counter()  # when the bytes arrived (upstream_wait.py)
             self._waiter.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
+        """Until more of the response arrives (or the connection ends). The wait, up to the
+        arrival, is counted as the request's time blocked on its upstream."""
         self._waiter = asyncio.get_running_loop().create_future()
+        self._woke_at = 0.0
+        started = time.perf_counter()
         try:
             if timeout is None:  # the providers' case: their phase clock bounds the wait
                 await self._waiter
@@ -120,6 +129,7 @@ class Connection(asyncio.Protocol):
                     await self._waiter
         finally:
             self._waiter = None
+            add_blocked((self._woke_at or time.perf_counter()) - started)
 
     def take_body(self) -> bytes:
         data = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)

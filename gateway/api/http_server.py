@@ -15,9 +15,15 @@ write; a stream's events still leave as they are produced, one loop iteration la
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
 
 
 class CoalescingTransport:
@@ -74,8 +80,57 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+RECEIVED_AT = "gateway.received_at"  # scope key: perf_counter() when the request's bytes came
+CONNECTION = "gateway.connection"  # scope key: the protocol, for `watch_disconnect`
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a CoalescingTransport; everything else unchanged."""
+    """uvicorn's httptools protocol over a CoalescingTransport, plus two things in each request's
+    scope: when its first bytes were read (`RECEIVED_AT`: the gateway's time per request starts
+    there, request parsing included) and the connection itself (`CONNECTION`), whose
+    `watch_disconnect(callback)` calls back when the client hangs up — a callback from the
+    connection's own `connection_lost`, instead of a task per request awaiting `receive()` for
+    the disconnect message (~20 µs of CPU per request on 2 cores)."""
+
+    _read_at = 0.0
+    _gone_callbacks: list[Callable[[], None]] | None = None
+    _lost = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    def data_received(self, data: bytes) -> None:
+        self._read_at = time.perf_counter()
+        super().data_received(data)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        scope: Any = self.scope
+        scope[RECEIVED_AT] = self._read_at
+        scope[CONNECTION] = self
+
+    def watch_disconnect(self, callback: Callable[[], None]) -> bool:
+        """Call `callback` once when the client hangs up; False (and no call) when it already
+        has."""
+        if self._lost:
+            return False
+        if self._gone_callbacks is None:
+            self._gone_callbacks = []
+        self._gone_callbacks.append(callback)
+        return True
+
+    def unwatch_disconnect(self, callback: Callable[[], None]) -> None:
+        callbacks = self._gone_callbacks
+        if callbacks:
+            with contextlib.suppress(ValueError):
+                callbacks.remove(callback)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        super().connection_lost(exc)
+        callbacks, self._gone_callbacks = self._gone_callbacks, None
+        for callback in callbacks or ():
+            try:
+                callback()
+            except Exception as error:  # one request's bug must not spare the others
+                log.error("a disconnect callback failed", exc_info=error)

@@ -15,6 +15,7 @@ from tests.gateway.routing_fixtures import WIZARD
 from tests.gateway.test_cli import _free_port, clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
+SERVE = [sys.executable, "-m", "gateway.cli", "serve"]
 
 
 def _children(pid: int) -> list[int]:
@@ -31,8 +32,7 @@ def test_two_workers_answer_on_one_port_with_the_command_lines_config(tmp_path: 
     with log.open("w") as out:
         process = subprocess.Popen(
             # the module from this checkout (the console script may belong to another one)
-            [sys.executable, "-m", "gateway.cli", "serve", "--port", str(port), "--workers", "2"]
-            + ["--config", str(ROOT / "pricing.yaml")],
+            [*SERVE, "--port", str(port), "--workers", "2", "--config", str(ROOT / "pricing.yaml")],
             # a GATEWAY_CONFIG that does not exist: the workers must get --config instead
             env=clean_env(
                 LEPTON_API_KEY="sk-test-0123456789",

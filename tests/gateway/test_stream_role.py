@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.upstream import Fault, FakeUpstreams
+from tests.fakes.upstream import FakeUpstreams, Fault
 from tests.gateway.conftest import MODEL, Gateway
 
 HI: Any = [{"role": "user", "content": "Say hello to the tests"}]
