@@ -77,7 +77,9 @@ class PriceBook:
         refresh_interval_s: float = 2.0,
     ):
         self._routes: dict[str, Route] = {route.id: route for route in catalog.routes()}
-        self._overrides: dict[str, PriceOverride] = {}
+        self.generation = 0  # bumped whenever the overrides change (the router's cache key)
+        self._current: dict[str, PriceOverride] = {}
+        self._overrides = {}
         self._redis_url = redis_url
         self._key = f"{prefix}prices"
         self._refresh_interval_s = refresh_interval_s
@@ -94,6 +96,15 @@ class PriceBook:
         return self._redis_url is not None
 
     # -- the request path: local reads only ---------------------------------------------------
+
+    @property
+    def _overrides(self) -> dict[str, PriceOverride]:
+        return self._current
+
+    @_overrides.setter
+    def _overrides(self, value: dict[str, PriceOverride]) -> None:
+        self._current = value
+        self.generation += 1  # the router's cached route facts hold prices: they are stale now
 
     def effective(self, route: Route) -> tuple[float, float]:
         override = self._overrides.get(route.id)

@@ -93,29 +93,47 @@ def limit_error(route: Route, limits: Limits, asked: Asked) -> str | None:
 
 def skip_reason(e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Asked) -> str | None:
     """Why `e` is not a candidate (the first failing filter), or None when it is one."""
-    route = e.route
-    if e.fit_error is not None:
-        return e.fit_error
+    return (
+        e.fit_error
+        or preference_skip(e.route, prefs)
+        or e.unavailable
+        or later_skip(e.route, limits, prefs, asked, e.input_price, e.output_price)
+    )
+
+
+def preference_skip(route: Route, prefs: ProviderPrefs) -> str | None:
+    """The filters between context fit and availability: provider.ignore / only / order."""
     if prefs is DEFAULT_PREFS:  # the common case, kept short
-        return e.unavailable or limit_error(route, limits, asked)
+        return None
     if any(route_matches(entry, route) for entry in prefs.ignore):
         return "ignored by provider.ignore"
     if prefs.only is not None and not any(route_matches(x, route) for x in prefs.only):
         return "not in provider.only"
     if prefs.order and not prefs.allow_fallbacks and order_index(prefs, route) is None:
         return "not in provider.order and provider.allow_fallbacks is false"
-    if e.unavailable is not None:
-        return e.unavailable
+    return None
+
+
+def later_skip(
+    route: Route,
+    limits: Limits,
+    prefs: ProviderPrefs,
+    asked: Asked,
+    input_price: float,
+    output_price: float,
+) -> str | None:
+    """The filters after availability: provider limits, require_parameters, max_price. None
+    of them depends on the prompt's size, so the router caches the answer (route_facts.py)."""
     limit = limit_error(route, limits, asked)
-    if limit is not None:
+    if limit is not None or prefs is DEFAULT_PREFS:
         return limit
     if prefs.require_parameters:
         missing = sorted(asked.params & route.unsupported_params)
         if missing:
             return f"does not support {', '.join(missing)} (provider.require_parameters)"
     prompt_cap, completion_cap = prefs.max_prompt_price, prefs.max_completion_price
-    if (prompt_cap is not None and e.input_price > prompt_cap) or (
-        completion_cap is not None and e.output_price > completion_cap
+    if (prompt_cap is not None and input_price > prompt_cap) or (
+        completion_cap is not None and output_price > completion_cap
     ):
-        return f"price {e.input_price:g}/{e.output_price:g} per 1M above provider.max_price"
+        return f"price {input_price:g}/{output_price:g} per 1M above provider.max_price"
     return None
