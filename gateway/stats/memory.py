@@ -137,7 +137,7 @@ class MemoryStats:
             at = event_time(usage.at, self._clock)
             usage = plausible_usage(usage, self.metrics)
             self.metrics.observe_usage(usage)
-            add_into(self._usage, usage_key(usage, at), usage_vector(usage))
+            add_into(self._usage, usage_key(usage, at), usage_vector(usage, clamped=True))
         except Exception as exc:
             self.metrics.record_errors.inc()
             warn_not_recorded("usage", exc)
