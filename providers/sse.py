@@ -35,6 +35,15 @@ class SSEDecoder:
         buf = self._buf + chunk if self._buf else chunk
         out: list[bytes] = []
         if b"\r" not in buf:  # LF line ends, as most upstreams send: the short way
+            if not self._data and not self._event:  # at an event boundary: whole events first
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data:") and b"\n" not in event:  # one data line
+                        out.append(event[6:] if event[5:6] == b" " else event[5:])
+                    elif event:
+                        for line in event.split(b"\n"):
+                            self._line(line, out)
+                        self._line(b"", out)
             lines = buf.split(b"\n")
             self._buf = lines.pop()  # an unterminated line waits for more bytes (b"" if none)
             data = self._data

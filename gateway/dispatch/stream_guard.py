@@ -37,13 +37,11 @@ from gateway.dispatch.context import (
     AttemptRunner,
     OpenedStream,
     RequestContext,
-    next_chunk,
     quietly_close,
 )
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.routing import RoutePlan
 from providers import json_codec
-from providers.sse import choice_text_key
 
 log = logging.getLogger(__name__)
 
@@ -94,17 +92,16 @@ class StreamGuard:
                     yield event
             seg.head = []
             error = None
-            while not self._stopped:
-                try:
-                    chunk = await next_chunk(seg.chunks)
+            if not self._stopped:
+                try:  # (`async for`: no helper coroutine per chunk)
+                    async for chunk in seg.chunks:
+                        event = self._emit(chunk)
+                        if event:
+                            yield event
+                        if self._stopped:
+                            break
                 except UpstreamError as exc:
                     error = exc
-                    break
-                if chunk is None:
-                    break
-                event = self._emit(chunk)
-                if event:
-                    yield event
             await self._end_segment(error)
             if error is None or self._answer_complete():
                 break
@@ -153,14 +150,16 @@ class StreamGuard:
                 continue
             index = choice.get("index", 0)
             self._choices.add(index)
-            where = choice_text_key(choice)
-            if where is not None and isinstance(where[0].get(where[1]), str):
-                holder, key = where
-                if self._segments and self._stops:
-                    holder[key] = self._cut_at_stop(index, holder[key], choice)
-                self._seg_text.setdefault(index, []).append(holder[key])
-                self._text.setdefault(index, []).append(holder[key])
             delta = choice.get("delta")
+            # where the choice keeps its text (sse.choice_text_key, inlined: once per chunk)
+            holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+            text = holder.get(key)
+            if isinstance(text, str):
+                if self._segments and self._stops:
+                    text = holder[key] = self._cut_at_stop(index, text, choice)
+                if text:  # (an empty piece adds nothing to the served text)
+                    self._seg_text.setdefault(index, []).append(text)
+                    self._text.setdefault(index, []).append(text)
             if isinstance(delta, dict) and delta.get("tool_calls"):
                 self._seg_text.setdefault(index, []).append(output_text([delta]))
             if choice.get("finish_reason"):
