@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
-import socket
 import random
+import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
