@@ -2,6 +2,7 @@
 
     stream = OpenAIStream(route_id, response, clock, timeouts, strip_text, check_error)
     async for chunk in stream: ...      # phase timeouts enforced between network reads
+        stream.raw                      # that chunk's JSON bytes as received (or None)
     await stream.aclose()               # hangs up on the upstream
 
 Until the first chunk with output, reads are limited by the first-token phase (counted from the
@@ -52,6 +53,9 @@ class OpenAIStream:
         self._strip = strip_text
         self._check_error = check_error
         self._iterator: AsyncIterator[dict[str, Any]] | None = None
+        # The JSON bytes of the chunk last yielded, exactly as the upstream sent them; None when
+        # the chunk was changed on the way (leaked text stripped, usage normalized).
+        self.raw: bytes | None = None
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._iterator is None:
@@ -90,6 +94,8 @@ class OpenAIStream:
                         continue
                     if not started and chunk_carries_output(chunk):
                         started = True
+                    # the upstream's own bytes of this chunk, while the dict says the same
+                    self.raw = payload if stripper is None and "usage" not in chunk else None
                     yield chunk
                 if data is None:
                     # No [DONE]: complete only if every choice said how it finished.

@@ -95,7 +95,7 @@ class StreamGuard:
             if not self._stopped:
                 try:  # (`async for`: no helper coroutine per chunk)
                     async for chunk in seg.chunks:
-                        event = self._emit(chunk)
+                        event = self._emit(chunk, getattr(seg.stream, "raw", None))
                         if event:
                             yield event
                         if self._stopped:
@@ -125,7 +125,10 @@ class StreamGuard:
         for event in self._tail():
             yield event
 
-    def _emit(self, chunk: dict[str, Any]) -> bytes | None:
+    def _emit(self, chunk: dict[str, Any], raw: bytes | None = None) -> bytes | None:
+        """The chunk as the client gets it: our model id and the serving provider in it. `raw`:
+        the upstream's JSON bytes of it, relayed with `provider` appended when nothing else
+        would change (the model id is ours already, no usage, no continuation)."""
         usage = chunk.pop("usage", None)
         if usage is not None and reported_counts(usage) is not None:
             self._seg_usage = usage
@@ -143,8 +146,16 @@ class StreamGuard:
                 role = self._role_event(chunk)
         elif self._segments:
             chunk["id"], chunk["created"] = self._id, self._created
-        chunk["model"] = self._seg.model.id
-        chunk["provider"] = self._seg.route.provider
+        model_id, provider = self._seg.model.id, self._seg.route.provider
+        relay = (
+            raw is not None
+            and usage is None
+            and not self._segments
+            and chunk.get("model") == model_id
+            and "provider" not in chunk
+        )
+        chunk["model"] = model_id
+        chunk["provider"] = provider
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -164,6 +175,13 @@ class StreamGuard:
                 self._seg_text.setdefault(index, []).append(output_text([delta]))
             if choice.get("finish_reason"):
                 self._finished.add(index)
+        if relay:
+            assert raw is not None
+            body = raw.rstrip()
+            if b"\n" in body:  # an event of several data lines: JSON whitespace, one line here
+                body = body.replace(b"\n", b" ")
+            if body.endswith(b"}"):
+                return role + b"data: " + body[:-1] + _provider_tail(provider) + b"\n\n"
         return role + b"data: " + _dumps(chunk) + b"\n\n"
 
     def _role_event(self, first: dict[str, Any]) -> bytes:
@@ -337,6 +355,17 @@ class StreamGuard:
     def _observe_failure(self, kind: str) -> None:
         if self._d.metrics is not None:
             self._d.metrics.observe_failed_request(self._seg.model.id, kind, self._seg.route.id)
+
+
+_TAILS: dict[str, bytes] = {}
+
+
+def _provider_tail(provider: str) -> bytes:
+    """`,"provider":"<name>"}`: what closes a relayed chunk (provider names: the catalog's)."""
+    tail = _TAILS.get(provider)
+    if tail is None:
+        tail = _TAILS[provider] = b',"provider":' + json_codec.dumps(provider) + b"}"
+    return tail
 
 
 def _has_role(choices: list[Any]) -> bool:

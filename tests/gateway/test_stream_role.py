@@ -7,8 +7,10 @@ which used to drop it for having no text) and synthesises one when an upstream s
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.fakes.upstream import FakeUpstreams, Fault
@@ -91,3 +93,31 @@ def test_completions_stream_gets_no_role(gateway: Gateway, upstreams: FakeUpstre
     )
     assert chunks and all("role" not in (c.choices[0].model_extra or {}) for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == "Hello from lepton!"
+
+
+def _raw_events(gateway: Gateway, provider: str) -> list[str]:
+    body = {"model": MODEL, "messages": HI, "stream": True, "provider": {"only": [provider]}}
+    with httpx.Client(base_url=gateway.url, timeout=10) as client:
+        response = client.post("/v1/chat/completions", json=body)
+    return [line[6:] for line in response.text.split("\n") if line.startswith("data: ")]
+
+
+def test_chunks_already_right_are_relayed_as_the_upstream_sent_them(
+    gateway: Gateway, upstreams: FakeUpstreams
+) -> None:
+    # Lepton's slug is our model id: its chunks (json.dumps with ", " and ": ") go out as sent,
+    # with the provider appended; Novita's slug differs: those are re-encoded with our id.
+    lepton, novita = _raw_events(gateway, "lepton"), _raw_events(gateway, "novita")
+    for events, relayed in ((lepton, True), (novita, False)):
+        assert events[-1] == "[DONE]"
+        chunks = events[:-1]
+        assert all(json.loads(c)["model"] == MODEL for c in chunks)
+        assert all(json.loads(c)["provider"] in ("lepton", "novita") for c in chunks)
+        # (the first content chunk was read while the attempt opened: it is re-encoded)
+        content = [c for c in chunks if '"content"' in c and "role" not in c][1:]
+        assert len(content) == 3
+        assert all(('"choices": [' in c) == relayed for c in content), content
+        if relayed:
+            assert all(
+                c.endswith(', "finish_reason": null}],"provider":"lepton"}') for c in content
+            )
