@@ -85,7 +85,7 @@ class Connection(asyncio.Protocol):
         self.headers.append((name, value))
         lower = name.lower()
         if lower == b"content-length" or (
-            lower == b"transfer-encoding" and b"chunked" in value.lower()
+            lower == b"transfer-encoding" and value.lower().find(b"chunked") >= 0
         ):
             self.framed = True
 

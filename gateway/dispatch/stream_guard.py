@@ -177,9 +177,9 @@ class StreamGuard:
                 self._finished.add(index)
         if relay:
             assert raw is not None
-            body = raw.rstrip()
-            if b"\n" in body:  # an event of several data lines: JSON whitespace, one line here
-                body = body.replace(b"\n", b" ")
+            # an event of several data lines: JSON whitespace, made one line (replace() gives
+            # the object itself back when there is nothing to replace)
+            body = raw.rstrip().replace(b"\n", b" ")
             if body.endswith(b"}"):
                 return role + b"data: " + body[:-1] + _provider_tail(provider) + b"\n\n"
         return role + b"data: " + _dumps(chunk) + b"\n\n"
