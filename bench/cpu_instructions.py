@@ -128,9 +128,7 @@ def main() -> None:
                 server = start_under_callgrind(checkout, upstream_port, Path(tmp))
                 try:
                     results[name] = {
-                        kind: instructions_per_request(
-                            server, kind == "stream", args.requests, Path(tmp)
-                        )
+                        kind: instructions_per_request(server, kind == "stream", n, Path(tmp))
                         for kind in ("non-stream", "stream")
                     }
                 finally:
