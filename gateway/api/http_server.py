@@ -75,8 +75,22 @@ class CoalescingTransport:
         self._pending.clear()
         self._transport.abort()
 
+    # What uvicorn calls on every request, delegated explicitly: reaching __getattr__ costs a
+    # failed lookup (an AttributeError built and dropped) each time.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
     def __getattr__(self, name: str) -> Any:
-        # is_closing, get_extra_info, pause_reading, resume_reading, set_protocol, ...
+        # set_protocol, get_protocol, is_reading, set_write_buffer_limits, ...
         return getattr(self._transport, name)
 
 

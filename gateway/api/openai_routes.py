@@ -142,9 +142,9 @@ async def serve(
 ) -> Any:
     # From the moment `gateway serve` read the request's bytes (its HTTP parsing included).
     started = scope.get(RECEIVED_AT) or time.perf_counter()
-    state: GatewayState = app.state.gw
+    state: GatewayState = app.gateway_state  # app.state.gw, without State's __getattr__
     headers = request_headers(scope)
-    client_key = app.state.client_keys.authenticate(headers.get(b"authorization"))
+    client_key = app.client_keys.authenticate(headers.get(b"authorization"))
     body = await read_json_body(
         receive, headers.get(b"content-length"), state.settings.max_body_bytes
     )
