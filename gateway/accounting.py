@@ -98,7 +98,7 @@ def body_output_text(body: dict[str, Any]) -> str:
     return output_text(pieces)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (a value, not changed after settle(); not frozen: cheaper to make)
 class Settled:
     prompt_tokens: int
     completion_tokens: int
