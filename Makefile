@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test lint typecheck pytest bench bench-overhead bench-local bench-kernels redis clean
+.PHONY: serve test lint typecheck pytest bench bench-overhead bench-instructions bench-local bench-kernels redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +39,13 @@ pytest: $(VENV)/.dev-installed redis
 
 test: lint typecheck pytest
 
+# The concurrent cases use wrk, the instruction counts valgrind (apt-get install wrk valgrind);
+# BASELINE=path/to/another/checkout measures it alongside.
 bench-overhead: $(VENV)/.dev-installed
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead.py $(if $(BASELINE),--baseline $(BASELINE))
+
+bench-instructions: $(VENV)/.dev-installed
+	$(BIN)/python bench/cpu_instructions.py $(if $(BASELINE),--baseline $(BASELINE))
 
 bench-local: $(VENV)/.dev-installed
 	$(BIN)/python bench/local_decode.py
