@@ -122,8 +122,11 @@ class MemoryStats:
             if route not in self._windows and len(self._windows) >= MAX_ROUTES:
                 raise ValueError("too many distinct routes")
             self.metrics.observe_attempt(attempt)
-            self._windows.setdefault(route, RouteWindows()).add_attempt(attempt, at)
-            circuit = self._circuits.get(route, CircuitState())
+            windows = self._windows.get(route)  # (not setdefault: it would build one each time)
+            if windows is None:
+                windows = self._windows[route] = RouteWindows()
+            windows.add_attempt(attempt, at)
+            circuit = self._circuits.get(route) or CircuitState()
             self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
             self._health.pop(route, None)
             self._maybe_prune()
