@@ -103,8 +103,9 @@ class PriceBook:
 
     @_overrides.setter
     def _overrides(self, value: dict[str, PriceOverride]) -> None:
+        if value != getattr(self, "_current", None):  # (a refresh often reads the same prices)
+            self.generation += 1  # the router's cached route facts hold prices: now stale
         self._current = value
-        self.generation += 1  # the router's cached route facts hold prices: they are stale now
 
     def effective(self, route: Route) -> tuple[float, float]:
         override = self._overrides.get(route.id)
