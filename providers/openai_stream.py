@@ -3,6 +3,7 @@
     stream = OpenAIStream(route_id, response, clock, timeouts, strip_text, check_error)
     async for chunk in stream: ...      # phase timeouts enforced between network reads
         stream.raw                      # that chunk's JSON bytes as received (or None)
+        stream.pending                  # another chunk already received follows it
     await stream.aclose()               # hangs up on the upstream
 
 Until the first chunk with output, reads are limited by the first-token phase (counted from the
@@ -56,6 +57,9 @@ class OpenAIStream:
         # The JSON bytes of the chunk last yielded, exactly as the upstream sent them; None when
         # the chunk was changed on the way (leaked text stripped, usage normalized).
         self.raw: bytes | None = None
+        # True while the chunk last yielded is followed by another already received: a caller
+        # may hold its output and send both together.
+        self.pending = False
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._iterator is None:
@@ -80,7 +84,9 @@ class OpenAIStream:
             while True:
                 data = await self._read(started)
                 payloads = decoder.feed(data) if data is not None else decoder.close()
+                left = len(payloads)
                 for payload in payloads:
+                    left -= 1
                     if payload.strip() == b"[DONE]":
                         return
                     chunk = self._decode_chunk(payload)
@@ -96,6 +102,9 @@ class OpenAIStream:
                         started = True
                     # the upstream's own bytes of this chunk, while the dict says the same
                     self.raw = payload if stripper is None and "usage" not in chunk else None
+                    # more of this read follows without a network wait (with a stripper a
+                    # payload may vanish, and the next chunk be a wait away: never promised)
+                    self.pending = left > 0 and stripper is None
                     yield chunk
                 if data is None:
                     # No [DONE]: complete only if every choice said how it finished.

@@ -92,16 +92,23 @@ class StreamGuard:
                     yield event
             seg.head = []
             error = None
+            held: list[bytes] = []  # events of chunks that arrived together: sent together
             if not self._stopped:
+                stream = seg.stream
                 try:  # (`async for`: no helper coroutine per chunk)
                     async for chunk in seg.chunks:
-                        event = self._emit(chunk, getattr(seg.stream, "raw", None))
+                        event = self._emit(chunk, getattr(stream, "raw", None))
                         if event:
-                            yield event
+                            held.append(event)
                         if self._stopped:
                             break
+                        if held and not getattr(stream, "pending", False):
+                            yield held[0] if len(held) == 1 else b"".join(held)
+                            held = []
                 except UpstreamError as exc:
                     error = exc
+            if held:
+                yield b"".join(held)
             await self._end_segment(error)
             if error is None or self._answer_complete():
                 break

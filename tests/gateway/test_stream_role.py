@@ -7,7 +7,9 @@ which used to drop it for having no text) and synthesises one when an upstream s
 
 from __future__ import annotations
 
+import itertools
 import json
+import time
 from typing import Any
 
 import httpx
@@ -121,3 +123,26 @@ def test_chunks_already_right_are_relayed_as_the_upstream_sent_them(
             assert all(
                 c.endswith(', "finish_reason": null}],"provider":"lepton"}') for c in content
             )
+
+
+def test_chunks_are_not_held_back_while_the_upstream_is_still_generating(
+    gateway: Gateway, upstreams: FakeUpstreams
+) -> None:
+    """Chunks received together leave together; one never waits for the next network read."""
+    upstreams["lepton"].tokens = ["a", "b", "c"]
+    upstreams["lepton"].chunk_delay_s = 0.25  # before each content chunk
+    body = {"model": MODEL, "messages": HI, "stream": True, "provider": {"only": ["lepton"]}}
+    arrivals: list[tuple[float, str]] = []
+    with (
+        httpx.Client(base_url=gateway.url, timeout=10) as client,
+        client.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
+        for line in response.iter_lines():
+            if line.startswith("data: {"):
+                choices = json.loads(line[6:])["choices"]
+                text = choices[0]["delta"].get("content") if choices else None
+                if text:
+                    arrivals.append((time.monotonic(), text))
+    assert [text for _, text in arrivals] == ["a", "b", "c"]
+    gaps = [later - earlier for (earlier, _), (later, _) in itertools.pairwise(arrivals)]
+    assert all(gap >= 0.15 for gap in gaps), gaps  # each left when it came, ~0.25 s apart
