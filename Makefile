@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: serve test test-local-minimal test-faults lint typecheck pytest browser bench bench-request-path bench-overhead bench-local bench-kernels tune-kernels gpu-check redis clean
+.PHONY: serve test test-local-minimal test-faults lint typecheck pytest browser bench bench-request-path bench-overhead bench-instructions bench-local bench-kernels tune-kernels gpu-check redis clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,8 +67,13 @@ test-faults: $(VENV)/.dev-installed redis
 bench-request-path: $(VENV)/.dev-installed
 	$(BIN)/python bench/request_path_faults.py --big
 
+# The concurrent cases use wrk, the instruction counts valgrind (apt-get install wrk valgrind);
+# BASELINE=path/to/another/checkout measures it alongside.
 bench-overhead: $(VENV)/.dev-installed
-	$(BIN)/python bench/overhead.py
+	$(BIN)/python bench/overhead.py $(if $(BASELINE),--baseline $(BASELINE))
+
+bench-instructions: $(VENV)/.dev-installed
+	$(BIN)/python bench/cpu_instructions.py $(if $(BASELINE),--baseline $(BASELINE))
 
 bench-local: $(VENV)/.dev-installed
 	$(BIN)/python bench/local_decode.py

@@ -42,7 +42,31 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 from doc_section import write_section  # noqa: E402  (bench/ is the script's path)
-from overhead import free_port, gateway_env, wait_listening  # noqa: E402
+from overhead import free_port  # noqa: E402
+
+
+def gateway_env(upstream_port: int, port: int) -> dict[str, str]:  # one route: lepton, faked
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
+    for name in ("REDIS_URL", "GATEWAY_API_KEYS", "GATEWAY_ADMIN_TOKEN", "LOCAL_MODEL_DIR"):
+        env.pop(name, None)
+    env.update(
+        LEPTON_API_KEY="sk-bench-0123456789",
+        LEPTON_BASE_URL=f"http://127.0.0.1:{upstream_port}/lepton/v1",
+        LOG_LEVEL="warning",
+        PYTHONPATH=str(ROOT),
+    )
+    return env
+
+
+def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
 
 DOC = ROOT / "docs" / "reliability.md"
 START, END = "<!-- hostile-clients:start -->", "<!-- hostile-clients:end -->"

@@ -1,56 +1,69 @@
-"""What the gateway adds to a request: latency and throughput, side by side with direct calls.
+"""What the gateway adds to a request: latency, CPU and throughput, side by side with direct calls.
 
-    .venv/bin/python bench/overhead.py              # writes docs/benchmarks.md (overhead section)
-    .venv/bin/python bench/overhead.py --no-write --requests 300
+    python bench/overhead.py                        # writes docs/benchmarks.md (overhead section)
+    python bench/overhead.py --no-write --requests 500 --seconds 5
+    python bench/overhead.py --baseline ../main     # another checkout's gateway in the same run
 
-Three processes: a fake upstream (tests/fakes/upstream.py, Lepton's dialect, answering at once),
-the gateway served exactly as `gateway serve` serves it (uvicorn, uvloop + httptools, in-memory
-stats, only the Lepton route configured), and this client (httpx, keep-alive). Every case runs
-the same body straight to the fake ("direct") and through the gateway:
+Processes: a fake upstream (tests/fakes/upstream.py, Lepton's dialect, answering at once; a
+50-chunk stream), the gateway exactly as `gateway serve` runs it (in-memory stats, only the
+Lepton route configured), and the load generators of bench/loadgen.py: a raw-socket client for
+the sequential cases, `wrk` for the concurrent ones. Core layout (stated in the report): the
+gateway alone on core 0; the upstream, the client and wrk on the other cores; for the
+`--workers 2` case the gateway may use cores 0 and 1. Each case runs every target in
+alternation (sequential: request by request; wrk: round by round), so drift in the machine's
+load hits all alike, and reports ratios from the same run.
 
-- sequential, non-stream and stream: direct and gateway requests interleaved one by one, so
-  drift in machine load hits both alike; latency = request sent -> last byte read;
-- 64 concurrent clients, non-stream and stream: each side run for the same number of requests;
-  requests/s and latency percentiles.
-"added" is gateway minus direct at the same percentile. The gateway also reports its own time
-per request (`x-gateway-overhead-ms`: wall time minus upstream waits); its median is listed, and
-so is the gateway process's CPU time per request (user + system, from /proc), the figure least
-moved by the other work on a shared machine.
+Figures: latency p50/p99 (request sent -> last byte; for streams also the first byte), "added"
+= gateway - direct; the median of per-pair differences (each gateway request beside the direct
+one sent just before it); the gateway's `x-gateway-overhead-ms` header; the gateway's CPU per
+request (user + system of its process(es) from /proc over the case / requests served).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
+import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import httpx  # noqa: E402
 from doc_section import write_section  # noqa: E402  (bench/ is the script's path)
+from loadgen import (  # noqa: E402
+    ProcessCPU,
+    RawClient,
+    encode_post,
+    header,
+    pin,
+    run_wrk,
+    status,
+    wrk_available,
+)
 
-from providers.http1 import Http1Transport  # noqa: E402
-
-BENCH_DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
-MODEL = "wizardlm-2-8x22b"
-SLUG = "wizardlm-2-8x22b"  # Lepton's slug for it
+MODEL, SLUG = "wizardlm-2-8x22b", "wizardlm-2-8x22b"  # our id, Lepton's slug
 MESSAGES = [{"role": "user", "content": "Say hello in five words."}]
-CONCURRENCY = 64
+STREAM_CHUNKS = 50
+CONNECTIONS = 64
+GW_PATH, DIRECT_PATH = "/v1/chat/completions", "/lepton/v1/chat/completions"
 
 
-# -- the two servers (this file runs them as subprocesses) ---------------------------------------
+def body(model: str, stream: bool) -> bytes:
+    data: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": 64}
+    if stream:
+        data["stream"] = True
+    return json.dumps(data).encode()
+
+
+# -- the servers ----------------------------------------------------------------------------------
 
 
 def serve_upstream(port: int) -> None:
@@ -59,68 +72,70 @@ def serve_upstream(port: int) -> None:
     from tests.fakes.upstream import FakeUpstreams
 
     fakes = FakeUpstreams(["lepton"])
-    uvicorn.run(
-        fakes.app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        interface="asgi3",
-        loop="uvloop",
-        http="httptools",
-    )
-
-
-def gateway_env(upstream_port: int, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
-    for name in ("REDIS_URL", "GATEWAY_API_KEYS", "GATEWAY_ADMIN_TOKEN", "LOCAL_MODEL_DIR"):
-        env.pop(name, None)
-    env.update(
-        LEPTON_API_KEY="sk-bench-0123456789",
-        LEPTON_BASE_URL=f"http://127.0.0.1:{upstream_port}/lepton/v1",
-        LOG_LEVEL="warning",
-        PYTHONPATH=str(ROOT),
-    )
-    return env
+    fakes["lepton"].tokens = [f" w{i}" for i in range(STREAM_CHUNKS)]
+    quiet = {"log_level": "warning", "access_log": False, "interface": "asgi3"}
+    uvicorn.run(fakes.app, host="127.0.0.1", port=port, http="httptools", **quiet)  # type: ignore[arg-type]
 
 
 def free_port() -> int:
+    import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def wait_listening(port: int, timeout_s: float = 30.0) -> None:
+def wait_answering(port: int, path: str, payload: bytes, timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on port {port}")
-
-
-# -- measuring ------------------------------------------------------------------------------------
-
-
-class ProcessCPU:
-    """CPU seconds (user + system) a process has used so far; None where /proc is missing."""
-
-    def __init__(self, pid: int):
-        self.path = Path(f"/proc/{pid}/stat")
-        self.tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-    def seconds(self) -> float | None:
+    while True:
         try:
-            fields = self.path.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            return None
-        return (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+            client = RawClient(port)
+            try:
+                if status(client.post(path, payload).head) == 200:
+                    return
+            finally:
+                client.close()
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"nothing answers on port {port}")
+        time.sleep(0.2)
 
 
-def cpu_ms_per_request(cpu: ProcessCPU | None, before: float | None, n: int) -> float | None:
-    after = cpu.seconds() if cpu is not None else None
-    return None if after is None or before is None else (after - before) * 1000 / n
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], cwd: Path, port: int):
+        self.name, self.port = name, port
+        quiet: Any = subprocess.DEVNULL
+        self.process = subprocess.Popen(command, env=env, cwd=cwd, stdout=quiet, stderr=quiet)
+        self.cpu = ProcessCPU(self.process.pid, children=True)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=20)
+
+
+def start_gateway(
+    name: str, checkout: Path, upstream_port: int, cpus: str | None, workers: int = 1
+) -> Server:
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
+    for key in ("REDIS_URL", "GATEWAY_API_KEYS", "GATEWAY_ADMIN_TOKEN", "LOCAL_MODEL_DIR"):
+        env.pop(key, None)
+    env.update(
+        LEPTON_API_KEY="sk-bench-0123456789",
+        LEPTON_BASE_URL=f"http://127.0.0.1:{upstream_port}/lepton/v1",
+        LOG_LEVEL="warning",
+        PYTHONPATH=str(checkout),
+    )
+    port = free_port()
+    command = [*pin(cpus), sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
+    if workers > 1:
+        command += ["--workers", str(workers)]
+    server = Server(name, command, env, checkout, port)
+    wait_answering(port, GW_PATH, body(MODEL, False))
+    return server
+
+
+# -- the cases ------------------------------------------------------------------------------------
 
 
 def pct(values: list[float], q: float) -> float:
@@ -128,135 +143,81 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-class Target:
-    def __init__(self, client: httpx.AsyncClient, url: str, model: str):
-        self.client = client
-        self.url = url
-        self.model = model
-        self.overheads: list[float] = []
-        self.first_bytes: list[float] = []  # request sent -> first body bytes
-
-    async def call(self, stream: bool) -> float:
-        body: dict[str, Any] = {"model": self.model, "messages": MESSAGES, "max_tokens": 16}
-        if stream:
-            body["stream"] = True
-            body["stream_options"] = {"include_usage": True}
-        started = time.perf_counter()
-        first = None
-        async with self.client.stream("POST", self.url, json=body) as response:
-            async for _ in response.aiter_raw():
-                if first is None:
-                    first = time.perf_counter() - started
-        elapsed = time.perf_counter() - started
-        self.first_bytes.append(elapsed if first is None else first)
-        if response.status_code != 200:
-            raise RuntimeError(f"{self.url}: HTTP {response.status_code}")
-        overhead = response.headers.get("x-gateway-overhead-ms")
-        if overhead is not None:
-            self.overheads.append(float(overhead))
-        return elapsed
-
-
-async def sequential(
-    direct: Target, gateway: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
-) -> dict[str, Any]:
-    for _ in range(max(20, n // 10)):  # warm both paths: pools, caches, branch predictors
-        await direct.call(stream)
-        await gateway.call(stream)
-    gateway.overheads.clear()
-    direct.first_bytes.clear()
-    gateway.first_bytes.clear()
-    times: dict[str, list[float]] = {"direct": [], "gateway": []}
-    cpu_before = cpu.seconds() if cpu is not None else None  # the gateway idles between its calls
+def sequential(
+    upstream_port: int, gateways: list[Server], stream: bool, n: int
+) -> dict[str, dict[str, float]]:
+    """Each round: one direct request, then one through each gateway (raw-socket client)."""
+    targets = [("direct", upstream_port, DIRECT_PATH, SLUG)]
+    targets += [(g.name, g.port, GW_PATH, MODEL) for g in gateways]
+    clients = {name: RawClient(port) for name, port, _, _ in targets}
+    requests = {name: encode_post("127.0.0.1", p, body(m, stream)) for name, _, p, m in targets}
+    for _ in range(max(50, n // 10)):  # warm-up: pools, caches
+        for name, *_ in targets:
+            clients[name].send(requests[name])
+    total: dict[str, list[float]] = {name: [] for name, *_ in targets}
+    first: dict[str, list[float]] = {name: [] for name, *_ in targets}
+    own: dict[str, list[float]] = {g.name: [] for g in gateways}
+    cpu_before = {g.name: g.cpu.seconds() for g in gateways}
     for _ in range(n):
-        times["direct"].append(await direct.call(stream))
-        times["gateway"].append(await gateway.call(stream))
-    return {
-        "gateway_cpu_ms": cpu_ms_per_request(cpu, cpu_before, n),
-        **{f"{side}_{q}": pct(v, p) * 1000 for side, v in times.items() for q, p in _QS},
-        # Each gateway request ran right after its direct twin: the median of the pairs'
-        # differences is the added latency least disturbed by the machine's other work.
-        "paired_added_p50": statistics.median(
-            (g - d) * 1000 for g, d in zip(times["gateway"], times["direct"], strict=True)
-        ),
-        "first_byte_added_p50": (
-            statistics.median(gateway.first_bytes) - statistics.median(direct.first_bytes)
-        )
-        * 1000,
-        "overhead_ms_p50": statistics.median(gateway.overheads),
-        "direct_rps": n / sum(times["direct"]),
-        "gateway_rps": n / sum(times["gateway"]),
-    }
-
-
-_QS = (("p50", 0.50), ("p99", 0.99))
-
-
-async def concurrent(
-    target: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
-) -> tuple[list[float], float, float | None]:
-    latencies: list[float] = []
-    per_worker = max(1, n // CONCURRENCY)
-
-    async def worker() -> None:
-        for _ in range(per_worker):
-            latencies.append(await target.call(stream))
-
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY // 4)))  # warm-up
-    latencies.clear()
-    cpu_before = cpu.seconds() if cpu is not None else None
-    started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(CONCURRENCY)))
-    rps = len(latencies) / (time.perf_counter() - started)
-    return latencies, rps, cpu_ms_per_request(cpu, cpu_before, len(latencies))
-
-
-async def concurrent_case(
-    direct: Target, gateway: Target, stream: bool, n: int, cpu: ProcessCPU | None = None
-) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for side, target in (("direct", direct), ("gateway", gateway)):
-        latencies, rps, cpu_ms = await concurrent(
-            target, stream, n, cpu if side == "gateway" else None
-        )
-        for q, p in _QS:
-            out[f"{side}_{q}"] = pct(latencies, p) * 1000
-        out[f"{side}_rps"] = rps
-    out["gateway_cpu_ms"] = cpu_ms
-    out["overhead_ms_p50"] = statistics.median(gateway.overheads[-n:])
+        for name, *_ in targets:
+            timing = clients[name].send(requests[name])
+            total[name].append(timing.total_s * 1000)
+            first[name].append(timing.first_byte_s * 1000)
+            if name in own:
+                own[name].append(float(header(timing.head, "x-gateway-overhead-ms") or "nan"))
+    out: dict[str, dict[str, float]] = {}
+    for name, *_ in targets:
+        row = {"p50": pct(total[name], 0.5), "p99": pct(total[name], 0.99)}
+        row["first_p50"] = pct(first[name], 0.5)
+        if name != "direct":
+            pairs = [g - d for g, d in zip(total[name], total["direct"], strict=True)]
+            row["paired_added_p50"] = statistics.median(pairs)
+            row["own_p50"] = statistics.median(own[name])
+            server = next(g for g in gateways if g.name == name)
+            after, before = server.cpu.seconds(), cpu_before[name]
+            row["cpu_ms"] = (after - before) * 1000 / n if after and before else float("nan")
+        out[name] = row
+    for client in clients.values():
+        client.close()
     return out
 
 
-async def run_cases(
-    upstream: str, gateway_url: str, n: int, n_concurrent: int, cpu: ProcessCPU | None = None
-) -> list[Any]:
-    # The client uses the gateway's own lean transport too: on 2 cores a heavier client would
-    # steal CPU from the servers it measures. Both sides pay the same client cost.
-    transport = Http1Transport(max_connections=CONCURRENCY * 2)
-    async with httpx.AsyncClient(transport=transport, timeout=30) as client:
-        direct = Target(client, f"{upstream}/lepton/v1/chat/completions", SLUG)
-        gateway = Target(client, f"{gateway_url}/v1/chat/completions", MODEL)
-        cases: list[tuple[str, Callable[[], Awaitable[dict[str, Any]]]]] = [
-            ("sequential, non-stream", lambda: sequential(direct, gateway, False, n, cpu)),
-            ("sequential, stream", lambda: sequential(direct, gateway, True, n, cpu)),
-            (
-                f"{CONCURRENCY} concurrent, non-stream",
-                lambda: concurrent_case(direct, gateway, False, n_concurrent, cpu),
-            ),
-            (
-                f"{CONCURRENCY} concurrent, stream",
-                lambda: concurrent_case(direct, gateway, True, n_concurrent, cpu),
-            ),
-        ]
-        results = []
-        for name, case in cases:
-            result = await case()
-            print(f"{name}: {result}", flush=True)
-            results.append((name, result))
-        return results
+def concurrent(
+    upstream_port: int,
+    gateways: list[Server],
+    stream: bool,
+    seconds: float,
+    rounds: int,
+    cpus: str | None,
+) -> dict[str, dict[str, float]]:
+    """wrk at CONNECTIONS connections against each target in turn, `rounds` times; the best
+    round of each target (the least disturbed by the machine's other work) is reported."""
+    targets: list[tuple[str, int, str, str, Server | None]] = [
+        ("direct", upstream_port, DIRECT_PATH, SLUG, None)
+    ]
+    targets += [(g.name, g.port, GW_PATH, MODEL, g) for g in gateways]
+    best: dict[str, dict[str, float]] = {}
+    for _ in range(rounds):
+        for name, port, path, model, server in targets:
+            before = server.cpu.seconds() if server else None
+            result = run_wrk(
+                f"http://127.0.0.1:{port}{path}",
+                body(model, stream),
+                connections=CONNECTIONS,
+                seconds=seconds,
+                cpus=cpus,
+            )
+            row = {"rps": result.rps, "p50": result.p50_ms, "p99": result.p99_ms}
+            row["errors"] = result.errors
+            if server is not None and before is not None:
+                after = server.cpu.seconds()
+                row["cpu_ms"] = (after - before) * 1000 / max(result.requests, 1) if after else 0
+            if name not in best or row["rps"] > best[name]["rps"]:
+                best[name] = row
+    return best
 
 
-# -- reporting ------------------------------------------------------------------------------------
+# -- the report -----------------------------------------------------------------------------------
 
 
 def cpu_name() -> str:
@@ -269,27 +230,48 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def _ms(result: dict[str, Any], key: str) -> str:
-    value = result.get(key)
-    return "" if value is None else f"{value:.2f} ms"
+def _f(value: float | None, unit: str = " ms", digits: int = 2) -> str:
+    return "" if value is None else f"{value:.{digits}f}{unit}"
 
 
-def render(results: list[Any], n: int, n_concurrent: int) -> str:
-    rows = [
-        "| case | direct p50 | gateway p50 | added p50 | direct p99 | gateway p99 | added p99 "
-        "| direct req/s | gateway req/s | gateway's own time p50 | gateway CPU per request "
-        "| added p50, first byte | added, median of pairs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+def render_sequential(title: str, rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    direct = rows["direct"]
+    out = [
+        f"**{title}**",
+        "",
+        "| target | p50 | p99 | added p50 | added, median of pairs | first byte added p50 "
+        "| own time (header) p50 | CPU per request |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| direct | {_f(direct['p50'])} | {_f(direct['p99'])} | | | | | |",
     ]
-    for name, r in results:
-        rows.append(
-            f"| {name} | {r['direct_p50']:.2f} ms | {r['gateway_p50']:.2f} ms "
-            f"| **{r['gateway_p50'] - r['direct_p50']:.2f} ms** | {r['direct_p99']:.2f} ms "
-            f"| {r['gateway_p99']:.2f} ms | {r['gateway_p99'] - r['direct_p99']:.2f} ms "
-            f"| {r['direct_rps']:.0f} | {r['gateway_rps']:.0f} | {r['overhead_ms_p50']:.3f} ms "
-            f"| {_ms(r, 'gateway_cpu_ms')} "
-            f"| {_ms(r, 'first_byte_added_p50')} | {_ms(r, 'paired_added_p50')} |"
+    for name in names:
+        r = rows[name]
+        out.append(
+            f"| {name} | {_f(r['p50'])} | {_f(r['p99'])} | **{_f(r['p50'] - direct['p50'])}** "
+            f"| {_f(r['paired_added_p50'])} | {_f(r['first_p50'] - direct['first_p50'])} "
+            f"| {_f(r['own_p50'], digits=3)} | **{_f(r['cpu_ms'], digits=3)}** |"
         )
+    return [*out, ""]
+
+
+def render_concurrent(title: str, rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
+    out = [
+        f"**{title}**",
+        "",
+        "| target | req/s | x direct | p50 | p99 | CPU per request | errors |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ["direct", *names]:
+        r = rows[name]
+        out.append(
+            f"| {name} | **{r['rps']:.0f}** | {r['rps'] / rows['direct']['rps']:.2f} "
+            f"| {_f(r['p50'])} | {_f(r['p99'])} | {_f(r.get('cpu_ms'), digits=3)} "
+            f"| {r['errors']:.0f} |"
+        )
+    return [*out, ""]
+
+
+def render(sections: list[str], args: argparse.Namespace, layout: str) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     return "\n".join(
@@ -298,29 +280,18 @@ def render(results: list[Any], n: int, n_concurrent: int) -> str:
             "## Gateway overhead (`bench/overhead.py`)",
             "",
             f"Measured {when} on {os.cpu_count()} × {cpu_name()}, Python "
-            f"{platform.python_version()}, by `python bench/overhead.py`: {n} sequential "
-            f"requests per side, {n_concurrent} per side at {CONCURRENCY} concurrent; load "
-            f"average {load} when it ended (the machine is shared). One fake upstream answering "
-            "at once, the gateway as `gateway serve` runs it (uvloop + httptools, in-memory "
-            "stats) and the client (httpx on the gateway's own HTTP/1.1 transport) share the "
-            'machine. Latency is request sent -> last byte. "added" = gateway - direct at the '
-            "same percentile; *gateway's own time* is its `x-gateway-overhead-ms` header (wall "
-            "time in the gateway minus upstream waits, up to the response; the served answer's "
-            "stats writes come after it); *gateway CPU per request* is the gateway process's "
-            "user + system CPU time over the case divided by its requests (everything: uvicorn, "
-            "routing, the upstream call, stats).",
+            f"{platform.python_version()}: {args.requests} sequential requests per target and "
+            f"case; wrk (1 thread, {CONNECTIONS} connections) {args.rounds} rounds of "
+            f"{args.seconds:g} s per target, best round shown; load average {load} when it "
+            f"ended (the machine is shared). {layout} Fake upstream answering at once "
+            f"(non-stream: one JSON body; stream: {STREAM_CHUNKS} chunks). Gateway: "
+            "`gateway serve` (uvloop + httptools, in-memory stats, log level warning). "
+            '"added" = gateway − direct; *own time* = the `x-gateway-overhead-ms` header '
+            "(wall time from the request's bytes to the response ready, minus time blocked "
+            "on the upstream socket); *CPU per request* = the gateway's user + system CPU over "
+            "the case / requests.",
             "",
-            *rows,
-            "",
-            "The median-of-pairs column pairs each gateway request with the direct one sent just "
-            "before it "
-            "(sequential cases): the median of those differences is the least noisy figure on a "
-            "shared machine. "
-            "For streams the last byte follows the whole answer; the first-byte column is what a "
-            "streaming client waits for before its first token. "
-            "At 64 concurrent clients the three processes compete for the same cores, so the "
-            "added latency there is mostly queueing behind the client and the upstream, not "
-            "gateway work; the sequential rows are the per-request cost.",
+            *sections,
             END,
         ]
     )
@@ -328,8 +299,10 @@ def render(results: list[Any], n: int, n_concurrent: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
-    parser.add_argument("--requests", type=int, default=1000, help="sequential, per side")
-    parser.add_argument("--concurrent-requests", type=int, default=2560, help="per side")
+    parser.add_argument("--requests", type=int, default=2000, help="sequential, per target")
+    parser.add_argument("--seconds", type=float, default=8.0, help="one wrk round")
+    parser.add_argument("--rounds", type=int, default=2, help="wrk rounds per target")
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured alongside")
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--role", choices=["upstream"], help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -338,51 +311,80 @@ def main() -> None:
         serve_upstream(args.port)
         return
 
-    upstream_port, gateway_port = free_port(), free_port()
-    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    processes = [
-        subprocess.Popen(
-            [sys.executable, __file__, "--role", "upstream", "--port", str(upstream_port)],
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
-            **quiet,
-        ),
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                "from gateway.cli import main; main()",
-                "serve",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(gateway_port),
-            ],
-            env=gateway_env(upstream_port, gateway_port),
-            **quiet,
-        ),
-    ]
+    cores = os.cpu_count() or 1
+    gateway_cpus = "0" if cores >= 2 else None
+    others = (f"1-{cores - 1}" if cores > 2 else "1") if cores >= 2 else None
+    workers_cpus = ("0,1" if cores >= 2 else None) if cores < 4 else "0,1"
+    rest = f"2-{cores - 1}" if cores >= 4 else others
+    layout = (
+        f"Core layout: gateway pinned to core {gateway_cpus}; upstream, raw-socket client and "
+        f"wrk on core(s) {others}; the `--workers 2` case: gateway on cores {workers_cpus}, "
+        f"upstream and wrk on {rest}"
+        + (" (with 2 cores, shared with the gateway's workers)." if cores < 4 else ".")
+    )
+    os.sched_setaffinity(0, {int(c) for c in (others or "0").replace("-", ",").split(",")})
+    upstream_port = free_port()
+    role = ["--role", "upstream", "--port", str(upstream_port)]
+    upstream = Server(
+        "upstream",
+        [*pin(others), sys.executable, __file__, *role],
+        {**os.environ, "PYTHONPATH": str(ROOT)},
+        ROOT,
+        upstream_port,
+    )
+    servers = [upstream]
     try:
-        wait_listening(upstream_port)
-        wait_listening(gateway_port)
-        results = asyncio.run(
-            run_cases(
-                f"http://127.0.0.1:{upstream_port}",
-                f"http://127.0.0.1:{gateway_port}",
-                args.requests,
-                args.concurrent_requests,
-                ProcessCPU(processes[1].pid),
+        wait_answering(upstream_port, DIRECT_PATH, body(SLUG, False))
+        gateways = [start_gateway("gateway", ROOT, upstream_port, gateway_cpus)]
+        if args.baseline is not None:
+            gateways.append(
+                start_gateway("baseline", args.baseline.resolve(), upstream_port, gateway_cpus)
             )
-        )
+        servers += gateways
+        names = [g.name for g in gateways]
+        sections: list[str] = []
+        for stream in (False, True):
+            kind = "stream" if stream else "non-stream"
+            rows = sequential(upstream_port, gateways, stream, args.requests)
+            print(kind, json.dumps(rows), flush=True)
+            sections += render_sequential(f"Sequential, {kind}, one core", rows, names)
+        if wrk_available():
+            for stream in (False, True):
+                kind = "stream" if stream else "non-stream"
+                rows = concurrent(
+                    upstream_port, gateways, stream, args.seconds, args.rounds, others
+                )
+                print(kind, json.dumps(rows), flush=True)
+                title = f"{CONNECTIONS} connections, {kind}, gateway on one core"
+                sections += render_concurrent(title, rows, names)
+            sections += workers_case(upstream_port, args, workers_cpus, rest)
+        else:
+            sections.append("*wrk is not installed (`apt-get install wrk`): no concurrent cases.*")
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=10)
-    text = render(results, args.requests, args.concurrent_requests)
+        for server in servers:
+            server.stop()
+    text = render(sections, args, layout)
     print(text)
     if not args.no_write:
         write_section(text, START, END)
-        print(f"wrote {BENCH_DOC.relative_to(ROOT)}")
+        print("wrote docs/benchmarks.md")
+
+
+def workers_case(
+    upstream_port: int, args: argparse.Namespace, cpus: str | None, wrk_cpus: str | None
+) -> list[str]:
+    """`gateway serve --workers 2` against one worker, both allowed the same cores."""
+    one = start_gateway("1 worker", ROOT, upstream_port, cpus)
+    two = start_gateway("2 workers", ROOT, upstream_port, cpus, workers=2)
+    try:
+        rows = concurrent(upstream_port, [one, two], False, args.seconds, args.rounds, wrk_cpus)
+    finally:
+        one.stop()
+        two.stop()
+    print("workers", json.dumps(rows), flush=True)
+    ratio = rows["2 workers"]["rps"] / rows["1 worker"]["rps"]
+    title = f"`--workers 2` vs one worker, non-stream, gateway on cores {cpus}: {ratio:.2f}x"
+    return render_concurrent(title, rows, ["1 worker", "2 workers"])
 
 
 if __name__ == "__main__":

@@ -132,7 +132,7 @@ class ServedText:
         return -(-self.total // BYTES_PER_TOKEN_ESTIMATE)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # (a value, not changed after settle(); not frozen: cheaper to make)
 class Settled:
     prompt_tokens: int
     completion_tokens: int

@@ -197,4 +197,8 @@ def configure_logging(level: str, secrets: tuple[str, ...], log_format: str = "t
                 handler.setFormatter(formatter)
     for name in ("gateway", "providers"):
         logging.getLogger(name).setLevel("DEBUG" if level.lower() == "trace" else level.upper())
+    # The start-up summary (live routes, and why the others are not) is one line an operator
+    # needs whatever the level: the default level is warning (issue 13: the access log's cost).
+    if logging.getLogger("gateway.startup").getEffectiveLevel() > logging.INFO:
+        logging.getLogger("gateway.startup").setLevel(logging.INFO)
     install_redaction(secrets)

@@ -124,7 +124,9 @@ class PriceBook:
         refresh_interval_s: float = 2.0,
     ):
         self._routes: dict[str, Route] = {route.id: route for route in catalog.routes()}
-        self._overrides: dict[str, PriceOverride] = {}
+        self.generation = 0  # bumped whenever the overrides change (the router's cache key)
+        self._current: dict[str, PriceOverride] = {}
+        self._overrides = {}
         self._redis_url = redis_url
         self._key = f"{prefix}prices"
         self._history_key = f"{prefix}prices:history"
@@ -146,6 +148,16 @@ class PriceBook:
         return self._redis_url is not None
 
     # -- the request path: local reads only ---------------------------------------------------
+
+    @property
+    def _overrides(self) -> dict[str, PriceOverride]:
+        return self._current
+
+    @_overrides.setter
+    def _overrides(self, value: dict[str, PriceOverride]) -> None:
+        if value != getattr(self, "_current", None):  # (a refresh often reads the same prices)
+            self.generation += 1  # the router's cached route facts hold prices: now stale
+        self._current = value
 
     def effective(self, route: Route) -> tuple[float, float]:
         override = self._overrides.get(route.id)

@@ -124,7 +124,8 @@ class Settings(BaseSettings):
     # serving
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
+    # warning: uvicorn's access log (on at info) cost ~1.4x a request's CPU (api/serving.py)
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "warning"
     log_format: Literal["text", "json"] = "text"  # json: one object per line
     # what one process lets clients hold (gateway/api/server_limits.py documents each answer)
     server_header_timeout_s: float = Field(10.0, gt=0)  # request line + headers, from the start
@@ -135,6 +136,7 @@ class Settings(BaseSettings):
     server_max_connections: int = Field(2048, ge=1)  # open per process: 503 + Retry-After
     server_max_inflight_requests: int = Field(512, ge=1)  # per process: 503 + Retry-After
     server_retry_after_s: int = Field(1, ge=1)  # the Retry-After of those 503s
+    workers: int = Field(1, ge=1)  # gateway processes; share their state through REDIS_URL
 
     @model_validator(mode="before")
     @classmethod

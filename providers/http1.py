@@ -45,6 +45,7 @@ from providers.http1_connection import (
     ResponseBody,
 )
 from providers.http1_decode import UpstreamLimitExceeded
+from providers.upstream_wait import add_blocked
 
 __all__ = [
     "Http1Response",
@@ -235,6 +236,7 @@ class Http1Transport(httpx.AsyncBaseTransport):
         tls: dict[str, Any] = {}
         if scheme == b"https":
             tls = {"ssl": self._ssl or ssl.create_default_context(), "server_hostname": host}
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(timeout):
                 _, conn = await loop.create_connection(
@@ -246,6 +248,8 @@ class Http1Transport(httpx.AsyncBaseTransport):
             raise httpx.ConnectError(
                 f"connection failed: {type(exc).__name__}", request=request
             ) from None
+        finally:
+            add_blocked(time.perf_counter() - started)  # the upstream's accept (and TLS)
         sock = conn.transport.get_extra_info("socket")
         if sock is not None:  # small writes must leave at once (asyncio sets it; be sure)
             with contextlib.suppress(OSError):

@@ -17,6 +17,7 @@ and, for a compressed body, its decoded size (http1_decode.py). Going over one i
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ import httptools
 import httpx
 
 from providers.http1_decode import BoundedDecoder, UpstreamLimitExceeded
+from providers.upstream_wait import add_blocked
 
 Origin = tuple[bytes, str, int]
 DEFAULT_MAX_HEADER_BYTES = 64 * 1024
@@ -48,6 +50,7 @@ class Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self.idle_since = 0.0
         self._waiter: asyncio.Future[None] | None = None
+        self._woke_at = 0.0
         self._reset()
 
     def _reset(self) -> None:
@@ -110,7 +113,7 @@ class Connection(asyncio.Protocol):
         self.header_size += len(name) + len(value) + 4  # ": " and CRLF
         lower = name.lower()
         if lower == b"content-length" or (
-            lower == b"transfer-encoding" and b"chunked" in value.lower()
+            lower == b"transfer-encoding" and value.lower().find(b"chunked") >= 0
         ):
             self.framed = True
 
@@ -144,10 +147,15 @@ class Connection(asyncio.Protocol):
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
+            self._woke_at = time.perf_counter()  # when the bytes arrived (upstream_wait.py)
             self._waiter.set_result(None)
 
     async def wait(self, timeout: float | None) -> None:
+        """Until more of the response arrives (or the connection ends). The wait, up to the
+        arrival, is counted as the request's time blocked on its upstream."""
         self._waiter = asyncio.get_running_loop().create_future()
+        self._woke_at = 0.0
+        started = time.perf_counter()
         try:
             if timeout is None:  # the providers' case: their phase clock bounds the wait
                 await self._waiter
@@ -156,6 +164,7 @@ class Connection(asyncio.Protocol):
                     await self._waiter
         finally:
             self._waiter = None
+            add_blocked((self._woke_at or time.perf_counter()) - started)
 
     def take_body(self) -> bytes:
         data = self.body.popleft() if len(self.body) == 1 else b"".join(self.body)

@@ -34,6 +34,7 @@ from providers.base import (
     ProviderStream,
 )
 from providers.errors import UpstreamError, UpstreamHTTPError, UpstreamTimeout
+from providers.upstream_wait import blocked_on
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +158,7 @@ class InProcessLocalProvider:
             if not request.stream:
                 call = service.chat if request.endpoint == "chat" else service.completion
                 async with asyncio.timeout(timeouts.total):
-                    result = await call(body)
+                    result = await blocked_on(call(body))
                 return ProviderResponse(body=result, ttft_s=time.perf_counter() - started)
             open_stream = (
                 service.chat_stream if request.endpoint == "chat" else service.completion_stream
@@ -167,7 +168,7 @@ class InProcessLocalProvider:
             if timeouts.first_token < timeouts.total:
                 phase = "first_token"
             async with asyncio.timeout(min(timeouts.first_token, timeouts.total)):
-                chunks = await open_stream(body)
+                chunks = await blocked_on(open_stream(body))
         except TimeoutError:
             raise UpstreamTimeout(request.route_id, phase) from None
         except Exception as exc:
@@ -201,7 +202,7 @@ class LocalStream:
             left = deadline - time.perf_counter()
             wait = min(limit, left)
             try:
-                chunk = await asyncio.wait_for(anext(iterator), timeout=max(wait, 0.0))
+                chunk = await blocked_on(asyncio.wait_for(anext(iterator), timeout=max(wait, 0.0)))
             except StopAsyncIteration:
                 return
             except TimeoutError:

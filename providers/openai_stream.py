@@ -2,6 +2,8 @@
 
     stream = OpenAIStream(route_id, response, clock, timeouts, strip_text, check_error)
     async for chunk in stream: ...      # phase timeouts enforced between network reads
+        stream.raw                      # that chunk's JSON bytes as received (or None)
+        stream.pending                  # another chunk already received follows it
     await stream.aclose()               # hangs up on the upstream
 
 Until the first chunk with output, reads are limited by the first-token phase (counted from the
@@ -11,7 +13,7 @@ trickles never outlives it. One event may not exceed `max_event_bytes` (the deco
 longer line before holding it), and our key, should the upstream echo it, is scrubbed from
 each event before it is parsed. Leaked
 end-of-sequence text is stripped (also across chunks), and a chunk left with nothing to say
-(no text, tool call, finish_reason or usage) is dropped. A stream that ends without [DONE] is
+(no text, tool call, role, finish_reason or usage) is dropped. A stream that ends without [DONE] is
 complete only if every choice said how it finished; otherwise it was cut.
 """
 
@@ -63,6 +65,12 @@ class OpenAIStream:
         self._strip = strip_text
         self._check_error = check_error
         self._iterator: AsyncIterator[dict[str, Any]] | None = None
+        # The JSON bytes of the chunk last yielded, exactly as the upstream sent them; None when
+        # the chunk was changed on the way (leaked text stripped, usage normalized).
+        self.raw: bytes | None = None
+        # True while the chunk last yielded is followed by another already received: a caller
+        # may hold its output and send both together.
+        self.pending = False
 
     def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         if self._iterator is None:
@@ -83,6 +91,7 @@ class OpenAIStream:
         started = False  # a chunk with output arrived: from now on only the gap limit applies
         finished: set[int] = set()
         choices_seen: set[int] = set()
+        announced: set[int] = set()  # choices whose first chunk was kept (the role chunk)
         try:
             while True:
                 data = await self._read(started)
@@ -90,7 +99,9 @@ class OpenAIStream:
                     payloads = decoder.feed(data) if data is not None else decoder.close()
                 except EventTooLarge as exc:
                     raise UpstreamProtocolError(self._route_id, str(exc)) from None
+                left = len(payloads)
                 for payload in payloads:
+                    left -= 1
                     if payload.strip() == b"[DONE]":
                         return
                     if secret and secret in payload:
@@ -102,10 +113,15 @@ class OpenAIStream:
                             choices_seen.add(index)
                             if choice.get("finish_reason"):
                                 finished.add(index)
-                    if stripper is not None and not self._strip_chunk(stripper, chunk):
+                    if stripper is not None and not self._strip_chunk(stripper, chunk, announced):
                         continue
                     if not started and chunk_carries_output(chunk):
                         started = True
+                    # the upstream's own bytes of this chunk, while the dict says the same
+                    self.raw = payload if stripper is None and "usage" not in chunk else None
+                    # more of this read follows without a network wait (with a stripper a
+                    # payload may vanish, and the next chunk be a wait away: never promised)
+                    self.pending = left > 0 and stripper is None
                     yield chunk
                 if data is None:
                     # No [DONE]: complete only if every choice said how it finished.
@@ -156,8 +172,9 @@ class OpenAIStream:
         return chunk
 
     @staticmethod
-    def _strip_chunk(stripper: TextStripper, chunk: dict[str, Any]) -> bool:
-        """Strip leaked text in place; False when the chunk is left with nothing to say."""
+    def _strip_chunk(stripper: TextStripper, chunk: dict[str, Any], announced: set[int]) -> bool:
+        """Strip leaked text in place; False when the chunk is left with nothing to say.
+        A choice's first chunk says its role and is kept for that; `announced`: choices seen."""
         keep = bool(chunk.get("usage"))
         for choice in chunk.get("choices") or ():
             if not isinstance(choice, dict):
@@ -176,6 +193,10 @@ class OpenAIStream:
                     keep = True
             if choice.get("finish_reason") or chunk_carries_output({"choices": [choice]}):
                 keep = True
+            delta = choice.get("delta")
+            if isinstance(delta, dict) and delta.get("role") and index not in announced:
+                keep = True  # the role chunk: clients read the speaker from the first delta
+            announced.add(index)
         return keep
 
 

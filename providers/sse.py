@@ -58,7 +58,29 @@ class SSEDecoder:
         else:
             buf = chunk
         out: list[bytes] = []
-        if b"\r" not in buf:  # LF line ends, as most upstreams send: the short way
+        # `len(x.split(sep, 1)) == 1` asks "no sep in x" at the least cost: `sep in x` tries the
+        # needle as an int first and builds a TypeError; find() parses its arguments the slow
+        # way; split() of bytes without sep returns the object itself (callgrind-measured)
+        if len(buf.split(b"\r", 1)) == 1:  # LF line ends, as most upstreams send: the short way
+            if not self._data and not self._event:  # at an event boundary: whole events first
+                *events, buf = buf.split(b"\n\n")
+                for event in events:
+                    if event.startswith(b"data:") and len(event.split(b"\n", 1)) == 1:
+                        out.append(event[6:] if event[5:6] == b" " else event[5:])
+                        continue
+                    lines = event.split(b"\n")
+                    values = []
+                    for line in lines:  # data lines only: joined with "\n", as the rules say
+                        if not line.startswith(b"data:"):
+                            break
+                        values.append(line[6:] if line[5:6] == b" " else line[5:])
+                    else:
+                        out.append(b"\n".join(values))
+                        continue
+                    if event:
+                        for line in lines:
+                            self._line(line, out)
+                        self._line(b"", out)
             lines = buf.split(b"\n")
             self._keep(lines.pop())  # an unterminated line waits for more bytes (b"" if none)
             data = self._data

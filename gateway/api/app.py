@@ -110,6 +110,11 @@ class GatewayApp(FastAPI):
     limit, validate and render their own errors). Middleware added to the app therefore does
     not apply to them; every other path goes through FastAPI as usual."""
 
+    # The two completion endpoints' view of app.state, as plain attributes: Starlette's State
+    # answers through __getattr__, after a failed lookup (an AttributeError) each time.
+    gateway_state: GatewayState | None = None
+    client_keys: ClientKeys | None = None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
             endpoint = openai_routes.FAST_PATHS.get(scope["path"])
@@ -126,7 +131,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
     catalog = load_configured_catalog(settings)
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(gateway: GatewayApp) -> AsyncIterator[None]:
+        app = gateway
         configure_logging(settings.log_level, settings.secrets(), settings.log_format)
         metrics = StatsMetrics()
         stats = make_stats(
@@ -160,7 +166,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
         )
         app.state.quotas = quotas
         app.state.metrics = metrics
-        app.state.gw = GatewayState(
+        app.state.gw = gateway.gateway_state = GatewayState(
             settings=settings,
             catalog=catalog,
             stats=stats,
@@ -196,7 +202,7 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
     )
     app.state.settings = settings
     app.state.quotas = None  # per-client limits, built by the lifespan when configured
-    app.state.client_keys = ClientKeys(settings.gateway_api_keys)
+    app.state.client_keys = app.client_keys = ClientKeys(settings.gateway_api_keys)
     app.add_exception_handler(GatewayError, _gateway_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

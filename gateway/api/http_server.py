@@ -25,6 +25,7 @@ import contextlib
 import functools
 import logging
 import resource
+import time
 from collections import Counter
 from typing import Any
 
@@ -33,6 +34,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from gateway.api.connection_watch import CONNECTION, RECEIVED_AT, ConnectionWatch
 from gateway.api.server_limits import NEVER_SHED, ServerLimits, raw_response, shed_app
 
 log = logging.getLogger("gateway.server")
@@ -46,6 +48,8 @@ SERVER_EVENT_NAMES = (
     "connection_refused",
     "request_shed",
 )
+
+log = logging.getLogger(__name__)
 
 
 class CoalescingTransport:
@@ -97,8 +101,22 @@ class CoalescingTransport:
         self._pending.clear()
         self._transport.abort()
 
+    # What uvicorn calls on every request, delegated explicitly: reaching __getattr__ costs a
+    # failed lookup (an AttributeError built and dropped) each time.
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
     def __getattr__(self, name: str) -> Any:
-        # is_closing, get_extra_info, pause_reading, resume_reading, set_protocol, ...
+        # set_protocol, get_protocol, is_reading, set_write_buffer_limits, ...
         return getattr(self._transport, name)
 
 
@@ -114,7 +132,7 @@ class _HeadRejected(Exception):
     """Raised from a parser callback to stop parsing a head that broke a limit."""
 
 
-class GatewayHttpProtocol(HttpToolsProtocol):
+class GatewayHttpProtocol(ConnectionWatch, HttpToolsProtocol):
     """uvicorn's httptools protocol over a CoalescingTransport, with `ServerLimits` enforced.
 
     One timer per connection, armed only while the server waits on the client: "head" from the
@@ -159,10 +177,13 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._lost = True
         super().connection_lost(exc)
+        self.notify_lost()  # the requests watching for a hang-up (connection_watch.py)
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, plus the head-size check on every read and the timers.
+        self._read_at = time.perf_counter()
         self._unset_keepalive_if_required()
         cycle = self.cycle
         self._counting = self._in_head or cycle is None or cycle.response_complete
@@ -210,6 +231,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        scope: Any = self.scope
+        scope[RECEIVED_AT] = self._read_at
+        scope[CONNECTION] = self
         self._in_head = True
         self._head_counted = self._counting  # every byte of this head is in _head_bytes
 

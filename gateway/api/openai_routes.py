@@ -5,17 +5,24 @@ Content-Length header and the bytes actually received) and `max_body_depth` leve
 (json_depth.py, before parsing) -> parse + validate once (schemas.py)
 -> Router.plan -> Dispatcher. The client's own dict is what goes upstream (minus gateway-only
 fields), so every field, standard or not, passes through. The handler works on the ASGI scope
-and messages directly (no Request / Response objects: they were ~30 µs of a request's CPU on
-our 2-core machines), and one DisconnectWatch (streaming.py) per request cancels the upstream
-work when the client hangs up. The served answer's stats writes (its attempt and usage) are
-queued behind the response's write and run once it is out (`after_response`, dispatch.py).
+and messages directly (no Request / Response objects: they were ~30 µs of a request's CPU on our
+2-core machines), and one DisconnectWatch (streaming.py) per request cancels the upstream work
+when the client hangs up (a callback from the connection under `gateway serve`). The served
+answer's stats writes (its attempt and usage) are queued behind the response's write and run
+once it is out (`after_response`, dispatch.py).
 
 Responses carry `provider` (body and every stream chunk) and `usage.cost`, plus headers:
     x-gateway-provider     the provider that served (for streams: the one that started)
     x-gateway-route        its route id ("provider/slug")
     x-gateway-attempts     upstream attempts made (for streams: up to the first token)
-    x-gateway-overhead-ms  time spent in the gateway, excluding upstream waits and backoff
-                           (for streams: up to the moment the first chunk is sent)
+    x-gateway-overhead-ms  the gateway's own time: from reading the request's first bytes
+                           (HTTP parsing included) to the response encoded and about to be
+                           written, minus the time blocked on upstream sockets up to each
+                           wait's data arrival, and minus backoff sleeps. The CPU spent inside
+                           an upstream call and the event loop's queueing count as the
+                           gateway's. Not in it (a header cannot time its own sending): the
+                           write of the response itself and the stats writes queued behind
+                           it. For streams: up to the first chunk about to be sent.
 The attempts trail (route, ok, error kind, status, latency per attempt) is added when the
 client asks with the header `x-gateway-debug: attempts` or the body field
 `"debug": {"attempts": true}`: as `attempts` in the body, or in a last `choices: []` chunk
@@ -35,13 +42,14 @@ from fastapi.responses import Response
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.connection_watch import RECEIVED_AT
 from gateway.api.json_depth import nesting_exceeds
 from gateway.api.schemas import validate_request
 from gateway.api.state import GatewayState
 from gateway.api.streaming import ClientGone, DisconnectWatch, GuardedStreamResponse
 from gateway.dispatch import RequestContext
 from gateway.errors import GatewayError, InvalidRequest, PayloadTooLarge, render_error
-from providers import json_codec
+from providers import json_codec, upstream_wait
 from providers.base import Endpoint
 
 log = logging.getLogger("gateway.api")
@@ -138,10 +146,11 @@ async def serve(
     endpoint: Endpoint,
     after_response: list[Callable[[], None]] | None = None,
 ) -> Any:
-    started = time.perf_counter()
-    state: GatewayState = app.state.gw
+    # From the moment `gateway serve` read the request's bytes (its HTTP parsing included).
+    started = scope.get(RECEIVED_AT) or time.perf_counter()
+    state: GatewayState = app.gateway_state  # app.state.gw, without State's __getattr__
     headers = request_headers(scope)
-    client_key = app.state.client_keys.authenticate(headers.get(b"authorization"))
+    client_key = app.client_keys.authenticate(headers.get(b"authorization"))
     settings = state.settings
     quotas = app.state.quotas
     if quotas is not None:  # per-client limits (quotas.py): 429 before any work
@@ -161,7 +170,8 @@ async def serve(
         debug=debug,
         after_response=after_response,
     )
-    watch = DisconnectWatch(receive)
+    upstream_wait.CURRENT.set(ctx.wait)  # the transports add their waits to it
+    watch = DisconnectWatch(receive, scope)
     handed_over = False
     try:
         if body.get("stream"):

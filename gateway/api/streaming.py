@@ -1,18 +1,19 @@
 """ASGI plumbing that ties an upstream call's life to the client connection.
 
-    watch = DisconnectWatch(receive)            # once the request body has been read
+    watch = DisconnectWatch(receive, scope)     # once the request body has been read
     served = await watch.run(dispatcher.complete(plan, body, ctx))    # ClientGone on hang-up
     guard = await watch.run(dispatcher.open_stream(plan, body, ctx))
     return GuardedStreamResponse(guard, headers, watch)               # takes the watch over
 
-One watcher task per request listens for the client hanging up. While the request's own task
-is awaiting upstream work (`run`) or sending a stream (`GuardedStreamResponse`), a hang-up
-cancels that task, which closes the upstream connection; otherwise it is only noted. One task
-serves every phase (creating, starting and cancelling one costs ~20 µs of CPU on the 2-core
-machines the gateway is measured on), and `close()` cancels it from the loop's queue, behind
-the response's write. `GuardedStreamResponse` sends a StreamGuard's events in the request's
-task and always closes the guard afterwards, so the upstream call ends and usage is recorded
-exactly once however the response ends.
+Under `gateway serve` the connection calls the watch back when the client hangs up
+(http_server.py: a callback from `connection_lost`, no task); under any other ASGI server one
+watcher task per request listens for the disconnect message (creating, starting and cancelling
+it costs ~20 µs of CPU on the 2-core machines the gateway is measured on; `close()` cancels it
+from the loop's queue, behind the response's write). While the request's own task is awaiting
+upstream work (`run`) or sending a stream (`GuardedStreamResponse`), a hang-up cancels that
+task, which closes the upstream connection; otherwise it is only noted. `GuardedStreamResponse`
+sends a StreamGuard's events in the request's task and always closes the guard afterwards, so
+the upstream call ends and usage is recorded exactly once however the response ends.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import TypeVar
 
 from starlette.types import Receive, Scope, Send
 
+from gateway.api.connection_watch import CONNECTION
 from gateway.dispatch import StreamGuard
 from gateway.errors import GatewayError, stream_error_event
 
@@ -49,9 +51,9 @@ async def _wait_for_disconnect(receive: Receive) -> None:
 class DisconnectWatch:
     """Cancels the request's task when the client hangs up while the task is `armed`."""
 
-    __slots__ = ("_fired", "_loop", "_task", "_watcher", "armed", "gone")
+    __slots__ = ("_conn", "_fired", "_loop", "_task", "_watcher", "armed", "gone")
 
-    def __init__(self, receive: Receive):
+    def __init__(self, receive: Receive, scope: Scope | None = None):
         task = asyncio.current_task()
         assert task is not None
         self._task = task
@@ -59,10 +61,20 @@ class DisconnectWatch:
         self.gone = False
         self._fired = False  # this watch cancelled the task, and that is not yet consumed
         self._loop = asyncio.get_running_loop()
-        self._watcher = self._loop.create_task(self._watch(receive))
+        self._watcher: asyncio.Task[None] | None = None
+        # `gateway serve`'s protocol calls back when the connection is lost: no task needed.
+        self._conn = scope.get(CONNECTION) if scope is not None else None
+        if self._conn is not None:
+            if not self._conn.watch_disconnect(self._on_gone):
+                self.gone = True
+        else:  # any other ASGI server: a task listens for the disconnect message
+            self._watcher = self._loop.create_task(self._watch(receive))
 
     async def _watch(self, receive: Receive) -> None:
         await _wait_for_disconnect(receive)
+        self._on_gone()
+
+    def _on_gone(self) -> None:
         self.gone = True
         if self.armed:
             self.armed = False
@@ -95,10 +107,13 @@ class DisconnectWatch:
             self.armed = False
 
     def close(self) -> None:
-        """Stop watching. The watcher is cancelled from the loop's queue, behind a response
+        """Stop watching. A watcher task is cancelled from the loop's queue, behind a response
         written in this step: unwinding it is no part of the answer's latency."""
         self.armed = False
-        self._loop.call_soon(self._watcher.cancel)
+        if self._conn is not None:
+            self._conn.unwatch_disconnect(self._on_gone)
+        elif self._watcher is not None:
+            self._loop.call_soon(self._watcher.cancel)
 
 
 class GuardedStreamResponse:

@@ -30,6 +30,15 @@ def serve(
         typer.Option(min=1, max=65535, help="TCP port.", show_default="$PORT, else 8000"),
     ] = None,
     config: ConfigOption = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=256,
+            help="Worker processes, one per core the gateway may use (share state via REDIS_URL).",
+            show_default="$WORKERS, else 1",
+        ),
+    ] = None,
     log_format: Annotated[
         LogFormat | None,
         typer.Option(
@@ -45,6 +54,7 @@ def serve(
         for name, value in (
             ("host", host),
             ("port", port),
+            ("workers", workers),
             ("log_format", log_format.value if log_format else None),
         )
         if value is not None
@@ -54,11 +64,9 @@ def serve(
         load_catalog(settings.gateway_config)  # fail fast, with the file and field named
     except CatalogError as exc:
         raise CliError(str(exc)) from None
-    import uvicorn
     from uvicorn.config import LOGGING_CONFIG
 
-    from gateway.api.app import create_app
-    from gateway.api.http_server import uvicorn_options
+    from gateway.api.serving import serve as run_server
 
     log_config = copy.deepcopy(LOGGING_CONFIG)
     if settings.log_format == "json":  # uvicorn's own lines too, from the first one
@@ -68,14 +76,8 @@ def serve(
     try:
         # uvicorn with our hardened httptools protocol: the server limits from settings (header
         # and body timeouts, header size, connections and in-flight requests), a response in one
-        # write, the access log only when its level shows it
-        uvicorn.run(
-            create_app(settings),
-            log_config=log_config,
-            host=settings.host,
-            port=settings.port,
-            **uvicorn_options(settings),
-        )
+        # write, the access log only when its level shows it; N workers on one socket when asked
+        run_server(settings, config_path=config, log_config=log_config)
     except SystemExit as exc:  # uvicorn exits 3 when it cannot start (port taken, bad host)
         if exc.code not in (0, None):
             where = f"{settings.host}:{settings.port}"

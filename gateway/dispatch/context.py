@@ -21,6 +21,7 @@ from gateway.catalog import Model, Route
 from gateway.errors import UpstreamError
 from gateway.routing import RoutePlan
 from providers.base import Endpoint, PhaseTimeouts, Provider, ProviderStream
+from providers.upstream_wait import WaitMeter
 
 log = logging.getLogger(__name__)
 
@@ -31,20 +32,26 @@ class RequestContext:
 
     endpoint: Endpoint
     client_key: str
-    started: float  # time.perf_counter() when the gateway began handling the request
+    started: float  # time.perf_counter() when the request's first bytes were read
     want_usage: bool = False  # stream_options.include_usage from the client
     debug: bool = False  # put the attempts trail in the answer
     upstream_s: float = 0.0  # time spent waiting on upstreams (attempts and backoff)
     backoff_s: float = 0.0  # of which backoff sleeps (the retry budget)
     trail: list[dict[str, Any]] = field(default_factory=list)
+    # time blocked on upstream sockets, up to each wait's data arrival (providers/upstream_wait)
+    wait: WaitMeter = field(default_factory=WaitMeter)
     # Stats writes of the answer being served, for after the response is sent (None: at once).
     after_response: list[Callable[[], None]] | None = None
     # perf_counter() time by which the request must be over: attempts, backoff, stream reads
     deadline: float = math.inf
 
     def overhead_ms(self) -> float:
-        """Time the gateway itself took so far: wall time minus upstream waits."""
-        return max(0.0, (time.perf_counter() - self.started - self.upstream_s) * 1000.0)
+        """The gateway's own time so far: wall time since the request's bytes were read, minus
+        the time blocked on upstream sockets (to the bytes' arrival) and backoff sleeps. CPU
+        spent inside an upstream call (building the request, parsing the answer) and waits
+        for this process's event loop are the gateway's, so they count."""
+        waited = self.wait.blocked_s + self.backoff_s
+        return max(0.0, (time.perf_counter() - self.started - waited) * 1000.0)
 
     def arm(self, seconds: float) -> None:
         """Set the deadline `seconds` after the request began, unless one is set already."""

@@ -34,17 +34,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.accounting import ServedText, Settled, client_usage, output_text, reported_counts
+from gateway.dispatch.chunks import chunk_object, dumps, has_role, provider_tail, role_event
 from gateway.dispatch.context import (
     AttemptRunner,
     OpenedStream,
     RequestContext,
-    next_chunk,
     quietly_close,
 )
 from gateway.errors import GatewayError, StreamInterrupted, UpstreamError, stream_error_event
 from gateway.routing import RoutePlan
-from providers import json_codec
-from providers.sse import choice_text_key
 
 log = logging.getLogger(__name__)
 
@@ -103,17 +101,23 @@ class StreamGuard:
                     yield event
             seg.head = []
             error = None
-            while not self._stopped:
-                try:
-                    chunk = await next_chunk(seg.chunks)
+            held: list[bytes] = []  # events of chunks that arrived together: sent together
+            if not self._stopped:
+                stream = seg.stream
+                try:  # (`async for`: no helper coroutine per chunk)
+                    async for chunk in seg.chunks:
+                        event = self._emit(chunk, getattr(stream, "raw", None))
+                        if event:
+                            held.append(event)
+                        if self._stopped:
+                            break
+                        if held and not getattr(stream, "pending", False):
+                            yield held[0] if len(held) == 1 else b"".join(held)
+                            held = []
                 except UpstreamError as exc:
                     error = exc
-                    break
-                if chunk is None:
-                    break
-                event = self._emit(chunk)
-                if event:
-                    yield event
+            if held:
+                yield b"".join(held)
             if error is not None and not self._answer_complete() and not self.continuable():
                 # The failed attempt is recorded and the client told at once; counting what
                 # was served (it may take a moment) waits for aclose(), after the response.
@@ -149,42 +153,70 @@ class StreamGuard:
         self._observe_failure(error.kind)
         return stream_error_event(interrupted)
 
-    def _emit(self, chunk: dict[str, Any]) -> bytes | None:
+    def _emit(self, chunk: dict[str, Any], raw: bytes | None = None) -> bytes | None:
+        """The chunk as the client gets it: our model id and the serving provider in it. `raw`:
+        the upstream's JSON bytes of it, relayed with `provider` appended when nothing else
+        would change (the model id is ours already, no usage, no continuation)."""
         usage = chunk.pop("usage", None)
         if usage is not None and reported_counts(usage) is not None:
             self._seg_usage = usage
         choices = chunk.get("choices")
         if not choices:
             return None
+        role = b""
         if self._id is None:
             self._id, self._created, self._object = (
                 chunk.get("id"),
                 chunk.get("created"),
                 chunk.get("object"),
             )
+            if self._ctx.endpoint == "chat" and not has_role(choices):
+                role = self._role_event(chunk)
         elif self._segments:
             chunk["id"], chunk["created"] = self._id, self._created
-        chunk["model"] = self._seg.model.id
-        chunk["provider"] = self._seg.route.provider
+        model_id, provider = self._seg.model.id, self._seg.route.provider
+        relay = (
+            raw is not None
+            and usage is None
+            and not self._segments
+            and chunk.get("model") == model_id
+            and "provider" not in chunk
+        )
+        chunk["model"] = model_id
+        chunk["provider"] = provider
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", 0)
             self._choices.add(index)
-            where = choice_text_key(choice)
-            if where is not None and isinstance(where[0].get(where[1]), str):
-                holder, key = where
-                if self._segments and self._stops:
-                    holder[key] = self._cut_at_stop(index, holder[key], choice)
-                self._seg_text.add(holder[key])
-                if self._keep_text:
-                    self._keep(index, holder[key])
             delta = choice.get("delta")
+            # where the choice keeps its text (sse.choice_text_key, inlined: once per chunk)
+            holder, key = (delta, "content") if isinstance(delta, dict) else (choice, "text")
+            text = holder.get(key)
+            if isinstance(text, str):
+                if self._segments and self._stops:
+                    text = holder[key] = self._cut_at_stop(index, text, choice)
+                if text:  # (an empty piece adds nothing to the served text)
+                    self._seg_text.add(text)
+                    if self._keep_text:
+                        self._keep(index, text)
             if isinstance(delta, dict) and delta.get("tool_calls"):
                 self._seg_text.add(output_text([delta]))
             if choice.get("finish_reason"):
                 self._finished.add(index)
-        return b"data: " + _dumps(chunk) + b"\n\n"
+        if relay:
+            assert raw is not None
+            # an event of several data lines: JSON whitespace, made one line (replace() gives
+            # the object itself back when there is nothing to replace)
+            body = raw.rstrip().replace(b"\n", b" ")
+            if body.endswith(b"}"):
+                return role + b"data: " + body[:-1] + provider_tail(provider) + b"\n\n"
+        return role + b"data: " + dumps(chunk) + b"\n\n"
+
+    def _role_event(self, first: dict[str, Any]) -> bytes:
+        """OpenAI's first chunk, for an upstream that sent none (chunks.role_event)."""
+        head = {"id": self._id, "object": self._object, "created": self._created}
+        return role_event(first, head, self._seg.model.id, self._seg.route.provider)
 
     def _tail(self) -> list[bytes]:
         out = []
@@ -192,7 +224,7 @@ class StreamGuard:
         if ctx.want_usage or ctx.debug:
             last: dict[str, Any] = {
                 "id": self._id,
-                "object": self._object or _chunk_object(ctx.endpoint),
+                "object": self._object or chunk_object(ctx.endpoint),
                 "created": self._created if self._created is not None else int(time.time()),
                 "model": self._seg.model.id,
                 "provider": self._seg.route.provider,
@@ -202,7 +234,7 @@ class StreamGuard:
                 last["usage"] = client_usage(self._seg_usage, self.total())
             if ctx.debug:
                 last["attempts"] = ctx.trail
-            out.append(b"data: " + _dumps(last) + b"\n\n")
+            out.append(b"data: " + dumps(last) + b"\n\n")
         out.append(_DONE)
         return out
 
@@ -341,23 +373,15 @@ class StreamGuard:
     def _finish_chunk(self, reason: str) -> bytes:
         chunk = {
             "id": self._id,
-            "object": self._object or _chunk_object(self._ctx.endpoint),
+            "object": self._object or chunk_object(self._ctx.endpoint),
             "created": self._created,
             "model": self._seg.model.id,
             "provider": self._seg.route.provider,
             "choices": [{"index": 0, "text": "", "finish_reason": reason, "logprobs": None}],
         }
         self._finished.add(0)
-        return b"data: " + _dumps(chunk) + b"\n\n"
+        return b"data: " + dumps(chunk) + b"\n\n"
 
     def _observe_failure(self, kind: str) -> None:
         if self._d.metrics is not None:
             self._d.metrics.observe_failed_request(self._seg.model.id, kind, self._seg.route.id)
-
-
-def _chunk_object(endpoint: str) -> str:
-    return "chat.completion.chunk" if endpoint == "chat" else "text_completion"
-
-
-def _dumps(data: dict[str, Any]) -> bytes:
-    return json_codec.dumps(data)

@@ -8,15 +8,13 @@ prompt.py   the request's prompt text and its size bound
 tokens.py   PromptCounter: prompt tokens with the model's own tokenizer (torch-free)
 """
 
+from gateway.routing.availability import Availability, NotConfigured, available_from
 from gateway.routing.filters import GATEWAY_FIELDS
 from gateway.routing.order import STATS_WINDOWS, RankedRoute, recent_stat
 from gateway.routing.router import (
     TYPICAL_COMPLETION_TOKENS,
-    Availability,
-    NotConfigured,
     RoutePlan,
     Router,
-    available_from,
     request_cost,
 )
 

@@ -102,48 +102,59 @@ def limit_error(route: Route, limits: Limits, asked: Asked) -> str | None:
 
 def skip_reason(e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Asked) -> str | None:
     """Why `e` is not a candidate (the first failing filter), or None when it is one."""
-    route = e.route
-    if e.fit_error is not None:
-        return ClientExcluded(e.fit_error)
+    later = later_skip(e.route, limits, prefs, asked, e.input_price, e.output_price)
+    return combine(e.fit_error, preference_skip(e.route, prefs), e.unavailable, later)
+
+
+def combine(
+    fit_error: str | None, preference: str | None, unavailable: str | None, later: str | None
+) -> str | None:
+    """The first failing filter. Every reason but availability is the request's own doing
+    (`ClientExcluded`); an unavailable route the request would rule out anyway counts as such."""
+    if fit_error is not None:
+        return ClientExcluded(fit_error)
+    if preference is not None:
+        return preference
+    if unavailable is not None:
+        return unavailable if later is None else ClientExcluded(f"{later}; {unavailable}")
+    return later
+
+
+def preference_skip(route: Route, prefs: ProviderPrefs) -> ClientExcluded | None:
+    """The filters between context fit and availability: provider.ignore / only / order."""
     if prefs is DEFAULT_PREFS:  # the common case, kept short
-        return e.unavailable or _client(limit_error(route, limits, asked))
+        return None
     if any(route_matches(entry, route) for entry in prefs.ignore):
         return ClientExcluded("ignored by provider.ignore")
     if prefs.only is not None and not any(route_matches(x, route) for x in prefs.only):
         return ClientExcluded("not in provider.only")
     if prefs.order and not prefs.allow_fallbacks and order_index(prefs, route) is None:
         return ClientExcluded("not in provider.order and provider.allow_fallbacks is false")
-    asked_for = _request_reason(e, limits, prefs, asked)
-    if e.unavailable is not None:
-        # Unavailable, but the request would rule it out anyway: that is the reason that counts.
-        return (
-            e.unavailable if asked_for is None else ClientExcluded(f"{asked_for}; {e.unavailable}")
-        )
-    return asked_for
+    return None
 
 
-def _request_reason(
-    e: RankedRoute, limits: Limits, prefs: ProviderPrefs, asked: Asked
+def later_skip(
+    route: Route,
+    limits: Limits,
+    prefs: ProviderPrefs,
+    asked: Asked,
+    input_price: float,
+    output_price: float,
 ) -> ClientExcluded | None:
-    """The request's own reason to skip a route it did not name away: limits, parameters,
-    price."""
-    route = e.route
+    """The filters after availability: provider limits, require_parameters, max_price. None
+    of them depends on the prompt's size, so the router caches the answer (route_facts.py)."""
     limit = limit_error(route, limits, asked)
-    if limit is not None:
-        return ClientExcluded(limit)
+    if limit is not None or prefs is DEFAULT_PREFS:
+        return None if limit is None else ClientExcluded(limit)
     if prefs.require_parameters:
         missing = sorted(asked.params & route.unsupported_params)
         if missing:
             why = f"does not support {', '.join(missing)} (provider.require_parameters)"
             return ClientExcluded(why)
     prompt_cap, completion_cap = prefs.max_prompt_price, prefs.max_completion_price
-    if (prompt_cap is not None and e.input_price > prompt_cap) or (
-        completion_cap is not None and e.output_price > completion_cap
+    if (prompt_cap is not None and input_price > prompt_cap) or (
+        completion_cap is not None and output_price > completion_cap
     ):
-        why = f"price {e.input_price:g}/{e.output_price:g} per 1M above provider.max_price"
+        why = f"price {input_price:g}/{output_price:g} per 1M above provider.max_price"
         return ClientExcluded(why)
     return None
-
-
-def _client(reason: str | None) -> str | None:
-    return None if reason is None else ClientExcluded(reason)

@@ -39,23 +39,23 @@ from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.catalog import Catalog, CatalogError, Model, Route
 from gateway.errors import ContextLengthExceeded, ModelNotFound, NoEligibleRoute, NoMatchingRoute
 from gateway.prices import PriceBook
+from gateway.routing.availability import Availability, NotConfigured
 from gateway.routing.filters import (
     GATEWAY_FIELDS,
     Asked,
     ClientExcluded,
     Limits,
+    combine,
     requested_max_tokens,
-    skip_reason,
 )
 from gateway.routing.order import (
-    NO_HEALTH,
     RankedRoute,
     by_cost,
     first_choice_shares,
@@ -73,12 +73,18 @@ from gateway.routing.prompt import (
     PromptText,
     without_surrogates,
 )
+from gateway.routing.route_facts import (
+    TYPICAL_COMPLETION_TOKENS,
+    FactsCache,
+    ModelFacts,
+    RouteFacts,
+    request_cost,
+)
 from gateway.stats.base import StatsStore
 
-_FLOAT_EXACT = 2**53
-TYPICAL_COMPLETION_TOKENS = 256  # prices the completion when the request sets no max_tokens
+__all__ = ["TYPICAL_COMPLETION_TOKENS", "RoutePlan", "Router", "request_cost"]
 
-Availability = set[str] | frozenset[str] | Callable[[str], bool | str | None]
+_NOTHING_ASKED = Asked(None, 0, frozenset())  # rank(): a bare request, no parameters
 
 
 @dataclass(slots=True)
@@ -108,44 +114,6 @@ class _CountNeeded(Exception):
         self.body = body  # what to count (lone surrogates replaced, see routing_prompt.py)
 
 
-def request_cost(prompt: int, completion: int, input_price: float, output_price: float) -> float:
-    """USD for the token mix; prices are USD per 1M tokens. Counts are capped at 2^53 (exact
-    as floats): a bigger one fails every context check anyway and must not overflow float()."""
-    prompt, completion = min(prompt, _FLOAT_EXACT), min(completion, _FLOAT_EXACT)
-    return (prompt * input_price + completion * output_price) / 1e6
-
-
-class NotConfigured(str):
-    """An unavailability reason meaning the route is not part of this deployment at all (no key,
-    no backend), as opposed to a passing one (at capacity). Such routes do not count when
-    deciding whether a prompt is too long for every route."""
-
-
-def available_from(providers: Mapping[str, Any]) -> Callable[[str], str | None]:
-    """Availability from the configured providers (`GatewayState.providers`)."""
-
-    def check(name: str) -> str | None:
-        provider = providers.get(name)
-        if provider is None:
-            if name == "local":
-                return NotConfigured("local backend not configured")
-            return NotConfigured(f"no API key configured ({name.upper()}_API_KEY)")
-        if provider.has_capacity():
-            return None
-        # a provider that knows why (the local backend: loading, failed, queue full) says so
-        explain = getattr(provider, "unavailable_reason", None)
-        return (explain() if explain is not None else None) or "at capacity"
-
-    return check
-
-
-def _context_error(route: Route, prompt_tokens: int, budget: int | None, exact: bool) -> str:
-    size = f"{prompt_tokens} tokens" if exact else f"up to {prompt_tokens} tokens"
-    if budget is None:
-        return f"prompt ({size}) leaves no room in the context of {route.context}"
-    return f"prompt ({size}) + max_tokens ({budget}) exceeds the context of {route.context}"
-
-
 class Router:
     def __init__(
         self,
@@ -167,6 +135,7 @@ class Router:
             names = frozenset(available)
             self._available = lambda name: name in names
         self._limits = {name: Limits.of(spec) for name, spec in catalog.providers.items()}
+        self._facts = FactsCache(prices)  # route_facts.py: what does not depend on the prompt
         # Per model: the counter's sound bound of a minimal chat (template overhead), so plain
         # chats are bounded without rendering them (prompt.py).
         self._allowance: dict[str, int] = {}
@@ -201,39 +170,43 @@ class Router:
             return NotConfigured(f"no API key configured ({route.provider.upper()}_API_KEY)")
         return answer if isinstance(answer, str) else str(answer)
 
+    def _route_facts(
+        self, route: Route, prefs: ProviderPrefs, asked: Asked, max_tokens: int | None
+    ) -> RouteFacts:
+        unavailable = self.unavailable(route)
+        return RouteFacts.of(
+            route,
+            self._limits[route.provider],
+            self._prices,
+            prefs,
+            asked,
+            max_tokens,
+            unavailable,
+            static_unavailable=isinstance(unavailable, NotConfigured),  # no key: fixed at start
+        )
+
+    def _model_facts(
+        self, model: Model, prefs: ProviderPrefs, prefs_key: Any, asked: Asked, max_tokens: Any
+    ) -> ModelFacts:
+        return self._facts.get(
+            (model.id, max_tokens, prefs_key, asked),
+            lambda: ModelFacts.of(
+                [self._route_facts(r, prefs, asked, max_tokens) for r in model.routes]
+            ),
+        )
+
     def _evaluate(
         self,
-        route: Route,
+        facts: RouteFacts,
         fit_tokens: int,
         cost_tokens: int,
         max_tokens: int | None,
         exact: bool = True,
-        with_health: bool = True,
     ) -> RankedRoute:
-        budget = max_tokens
-        if budget is None:
-            budget = self._limits[route.provider].default_max_tokens
-        fit_error = None
-        if budget is not None and route.max_output is not None and budget > route.max_output:
-            fit_error = f"max_tokens {budget} above the output limit of {route.max_output}"
-        elif fit_tokens >= route.context if budget is None else fit_tokens + budget > route.context:
-            fit_error = _context_error(route, fit_tokens, budget, exact)
-        if max_tokens is not None:
-            completion = max_tokens
-        else:
-            room = max(route.context - cost_tokens, 1)
-            completion = min(TYPICAL_COMPLETION_TOKENS, budget or room, room)
-        input_price, output_price = self._prices.effective(route)
-        return RankedRoute(
-            route,
-            input_price,
-            output_price,
-            completion,
-            request_cost(cost_tokens, completion, input_price, output_price),
-            fit_error,
-            self.unavailable(route),
-            self._stats.route_health(route.id) if with_health else NO_HEALTH,
-        )
+        unavailable = facts.unavailable
+        if not facts.static_unavailable:
+            unavailable = self.unavailable(facts.route)
+        return facts.evaluate(fit_tokens, cost_tokens, max_tokens, exact, unavailable)
 
     def resolve(self, name: str, param: str = "model") -> Model:
         model = self.catalog.resolve(name)
@@ -247,7 +220,10 @@ class Router:
         """Every route of the model, cheapest first for this mix (fit and health included)."""
         if isinstance(model, str):
             model = self.resolve(model)
-        evals = [self._evaluate(r, prompt_tokens, prompt_tokens, max_tokens) for r in model.routes]
+        facts = self._model_facts(model, DEFAULT_PREFS, None, _NOTHING_ASKED, max_tokens).routes
+        evals = [self._evaluate(f, prompt_tokens, prompt_tokens, max_tokens) for f in facts]
+        for e in evals:
+            e.health = self._stats.route_health(e.route.id)
         evals.sort(key=by_cost)
         return evals
 
@@ -258,11 +234,12 @@ class Router:
         filters (default `provider` preferences) and order_routes()'s 1/cost² weights."""
         if isinstance(model, str):
             model = self.resolve(model)
-        asked = Asked.of({} if max_tokens is None else {"max_tokens": max_tokens})
         eligible = []
-        for r in model.routes:
-            e = self._evaluate(r, prompt_tokens, prompt_tokens, max_tokens)
-            if skip_reason(e, self._limits[r.provider], DEFAULT_PREFS, asked) is None:
+        facts = self._model_facts(model, DEFAULT_PREFS, None, _NOTHING_ASKED, max_tokens).routes
+        for f in facts:
+            e = self._evaluate(f, prompt_tokens, prompt_tokens, max_tokens)
+            if f.skip(e) is None:
+                e.health = self._stats.route_health(e.route.id)
                 eligible.append(e)
         return first_choice_shares(eligible, DEFAULT_PREFS)
 
@@ -300,6 +277,8 @@ class Router:
                 models.append(model)
         provider = body.get("provider")
         prefs = DEFAULT_PREFS if provider is None else parse_provider_prefs(provider)
+        # (a parsed `provider` object is valid JSON data: its repr identifies its shape)
+        prefs_key = None if provider is None else repr(provider)
         max_tokens = requested_max_tokens(body)
         asked = Asked.of(body)
         text = PromptText.of(body, endpoint)
@@ -311,10 +290,15 @@ class Router:
         for index, model in enumerate(models):
             cost_tokens, exact = text.estimate, text.exact
             fit_tokens = cost_tokens if exact else self.prompt_bound(model, text, counted, endpoint)
-            evals = [
-                self._evaluate(r, fit_tokens, cost_tokens, max_tokens, exact, False)
-                for r in model.routes
-            ]
+            shape = self._model_facts(model, prefs, prefs_key, asked, max_tokens)
+            if fit_tokens <= shape.fit_all_up_to:  # the common case: size decides nothing
+                if index == 0:
+                    plan.prompt_tokens, plan.prompt_tokens_exact = cost_tokens, exact
+                fitting = (fit_tokens, cost_tokens, max_tokens, exact)
+                self._choose_fitting(shape.routes, fitting, prefs, plan)
+                continue
+            facts = shape.routes
+            evals = [self._evaluate(f, fit_tokens, cost_tokens, max_tokens, exact) for f in facts]
             if not exact and self._counter is not None and not all(e.fits for e in evals):
                 # Near (or over) some route's limit: the bound is not good enough, count.
                 key = (model.tokenizer, model.chat_format)
@@ -324,10 +308,7 @@ class Router:
                     exact_counts[key] = self._counter.count(model, counted, endpoint)
                 fit_tokens = cost_tokens = exact_counts[key]
                 exact = True
-                evals = [
-                    self._evaluate(r, fit_tokens, fit_tokens, max_tokens, True, False)
-                    for r in model.routes
-                ]
+                evals = [self._evaluate(f, fit_tokens, fit_tokens, max_tokens) for f in facts]
             if index == 0:
                 plan.prompt_tokens, plan.prompt_tokens_exact = cost_tokens, exact
             # Too long for every route this deployment has (routes with no key or backend are
@@ -336,7 +317,7 @@ class Router:
             if not any(e.fits for e in deployed or evals):
                 largest = max(deployed or evals, key=lambda e: e.route.context)  # most telling
                 fit_errors.append(f"{model.id}: {largest.fit_error}")
-            self._choose(evals, prefs, asked, plan)
+            self._choose(facts, evals, prefs, plan)
 
         if len(fit_errors) == len(models):
             raise ContextLengthExceeded(
@@ -353,21 +334,56 @@ class Router:
         return plan
 
     def _choose(
-        self, evals: list[RankedRoute], prefs: ProviderPrefs, asked: Asked, plan: RoutePlan
+        self,
+        facts: list[RouteFacts],
+        evals: list[RankedRoute],
+        prefs: ProviderPrefs,
+        plan: RoutePlan,
     ) -> None:
         """Filter one model's evaluated routes and append them, ordered, to the plan."""
         eligible: list[RankedRoute] = []
-        for e in evals:
-            reason = skip_reason(e, self._limits[e.route.provider], prefs, asked)
+        for f, e in zip(facts, evals, strict=True):
+            reason = f.skip(e)
             if reason is not None:
                 plan.skipped[e.route.id] = reason
                 continue
             e.health = self._stats.route_health(e.route.id)  # only routes we may order
             eligible.append(e)
-            if asked.params and e.route.unsupported_params:
-                dropped = asked.params & e.route.unsupported_params
-                if dropped:
-                    plan.dropped_params[e.route.id] = tuple(sorted(dropped))
+            if f.dropped:
+                plan.dropped_params[e.route.id] = f.dropped
+        self._append_ordered(eligible, prefs, plan)
+
+    def _choose_fitting(
+        self,
+        facts: list[RouteFacts],
+        size: tuple[int, int, int | None, bool],  # fit tokens, cost tokens, max_tokens, exact
+        prefs: ProviderPrefs,
+        plan: RoutePlan,
+    ) -> None:
+        """_choose for a prompt that fits every route: the same answer from the cached facts,
+        evaluating only the routes that stay candidates."""
+        eligible: list[RankedRoute] = []
+        for f in facts:
+            route = f.route
+            reason = f.preference_skip
+            if f.output_error is None and reason is None:
+                unavailable = f.unavailable if f.static_unavailable else self.unavailable(route)
+                reason = combine(None, None, unavailable, f.later_skip)
+            elif f.output_error is not None:
+                reason = combine(f.output_error, None, None, None)
+            if reason is not None:
+                plan.skipped[route.id] = reason
+                continue
+            e = f.evaluate(*size, None)
+            e.health = self._stats.route_health(route.id)
+            eligible.append(e)
+            if f.dropped:
+                plan.dropped_params[route.id] = f.dropped
+        self._append_ordered(eligible, prefs, plan)
+
+    def _append_ordered(
+        self, eligible: list[RankedRoute], prefs: ProviderPrefs, plan: RoutePlan
+    ) -> None:
         ordered = order_routes(eligible, prefs, self._rng)
         if not prefs.allow_fallbacks and not prefs.order:
             for e in ordered[1:]:

@@ -31,7 +31,9 @@ class StatsUnavailableError(RuntimeError):
     """A read that needs the shared store (usage totals) could not reach it: answer 503."""
 
 
-@dataclass(frozen=True, slots=True)
+# Attempt and Usage are values nobody changes after making them, but not `frozen`: a frozen
+# dataclass sets each field through object.__setattr__, and two are made per request.
+@dataclass(slots=True)
 class Attempt:
     """One upstream attempt, recorded exactly once whether it succeeded or not."""
 
@@ -44,7 +46,7 @@ class Attempt:
     at: float | None = None  # unix time; None = now
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Usage:
     """One served response's usage, recorded exactly once."""
 

@@ -135,8 +135,11 @@ class MemoryStats:
             self.metrics.observe_attempt(attempt)
             if self.observer is not None:
                 self.observer.attempt(attempt)
-            self._windows.setdefault(route, RouteWindows()).add_attempt(attempt, at)
-            circuit = self._circuits.get(route, CircuitState())
+            windows = self._windows.get(route)  # (not setdefault: it would build one each time)
+            if windows is None:
+                windows = self._windows[route] = RouteWindows()
+            windows.add_attempt(attempt, at)
+            circuit = self._circuits.get(route) or CircuitState()
             self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
             self._health.pop(route, None)
             self._maybe_prune()
@@ -152,7 +155,7 @@ class MemoryStats:
             self.metrics.observe_usage(usage)
             if self.observer is not None:
                 self.observer.usage(usage)
-            add_into(self._usage, usage_key(usage, at), usage_vector(usage))
+            add_into(self._usage, usage_key(usage, at), usage_vector(usage, clamped=True))
         except Exception as exc:
             self.metrics.record_errors.inc()
             warn_not_recorded("usage", exc)

@@ -23,22 +23,20 @@ Series (all prefixed moegw_):
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from gateway.stats.base import Attempt, RouteHealth, Usage
+from gateway.stats.hot_series import HotSeries
 
 LATENCY_BUCKETS = (0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60, 120, 300, 600)
 TTFT_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 30, 60)
 _LABEL_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
-MAX_CACHED_CHILDREN = 4096
 
 
 def outcome_label(ok: bool, kind: str | None) -> str:
@@ -52,40 +50,9 @@ class StatsMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.attempts = Counter(
-            "moegw_attempts",
-            "Upstream attempts by route and outcome",
-            ["route", "outcome"],
-            registry=r,
-        )
-        self.requests = Counter(
-            "moegw_requests",
-            "Requests by serving route, model and outcome",
-            ["route", "model", "outcome"],
-            registry=r,
-        )
-        by_route_model = ["route", "model"]
-        self.prompt_tokens = Counter(
-            "moegw_prompt_tokens", "Prompt tokens served", by_route_model, registry=r
-        )
-        self.completion_tokens = Counter(
-            "moegw_completion_tokens", "Completion tokens served", by_route_model, registry=r
-        )
-        self.cost = Counter("moegw_cost_usd", "Cost of served requests", by_route_model, registry=r)
-        self.latency = Histogram(
-            "moegw_attempt_latency_seconds",
-            "Attempt latency, start to last byte",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.ttft = Histogram(
-            "moegw_attempt_ttft_seconds",
-            "Attempt time to first token",
-            ["route"],
-            buckets=TTFT_BUCKETS,
-            registry=r,
-        )
+        # the per-request series: plain accumulators, read at scrape time (hot_series.py)
+        self.hot = HotSeries(LATENCY_BUCKETS, TTFT_BUCKETS)
+        r.register(self.hot)
         self.flushes = Counter(
             "moegw_stats_flushes", "Stats flushes to the shared store", ["result"], registry=r
         )
@@ -110,51 +77,25 @@ class StatsMetrics:
         )
         self._source = _StoreCollector()
         r.register(self._source)
-        # labels() costs a few µs a call; the children of the hot path are looked up once
-        self._attempt_children: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
-        self._usage_children: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
 
     def observe_attempt(self, attempt: Attempt) -> None:
-        route = attempt.route_id
-        key = (route, outcome_label(attempt.ok, attempt.error_kind))
-        children = self._attempt_children.get(key)
-        if children is None:
-            children = (
-                self.attempts.labels(*key),
-                self.latency.labels(route),
-                self.ttft.labels(route),
-            )
-            if len(self._attempt_children) < MAX_CACHED_CHILDREN:
-                self._attempt_children[key] = children
-        attempts, latency, ttft = children
-        attempts.inc()
-        if math.isfinite(attempt.latency_s) and attempt.latency_s >= 0:
-            latency.observe(attempt.latency_s)
-        if attempt.ttft_s is not None and math.isfinite(attempt.ttft_s) and attempt.ttft_s >= 0:
-            ttft.observe(attempt.ttft_s)
+        outcome = "ok" if attempt.ok else outcome_label(False, attempt.error_kind)
+        self.hot.attempt(attempt.route_id, outcome, attempt.latency_s, attempt.ttft_s)
 
     def observe_usage(self, usage: Usage) -> None:
-        key = (usage.route_id, usage.model)
-        children = self._usage_children.get(key)
-        if children is None:
-            children = (
-                self.requests.labels(*key, "ok"),
-                self.prompt_tokens.labels(*key),
-                self.completion_tokens.labels(*key),
-                self.cost.labels(*key),
-            )
-            if len(self._usage_children) < MAX_CACHED_CHILDREN:
-                self._usage_children[key] = children
-        requests, prompt, completion, cost = children
-        requests.inc()
-        prompt.inc(max(0, usage.prompt_tokens))
-        completion.inc(max(0, usage.completion_tokens))
-        if math.isfinite(usage.cost_usd) and usage.cost_usd > 0:
-            cost.inc(usage.cost_usd)
+        hot = self.hot
+        hot.request(usage.route_id, usage.model, "ok")
+        hot.usage(
+            usage.route_id,
+            usage.model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cost_usd,
+        )
 
     def observe_failed_request(self, model: str, outcome: str, route_id: str | None = None) -> None:
         """The dispatcher's final failure of a whole request (served ones come from usage)."""
-        self.requests.labels(route_id or "none", model, outcome_label(False, outcome)).inc()
+        self.hot.request(route_id or "none", model, outcome_label(False, outcome))
 
     def bind_store(
         self,

@@ -41,8 +41,20 @@ UsageVector = list[int]  # [requests, prompt_tokens, completion_tokens, cost_pic
 K = TypeVar("K", bound=Hashable)
 
 
+_day_cache: tuple[float, float, str] = (0.0, 0.0, "")  # [start, end) of the last day asked
+
+
 def utc_day(at: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(at))
+    """The UTC day of a unix time, "YYYY-MM-DD" (the last day's bounds are kept: a strftime
+    per record was ~2% of a request's CPU)."""
+    global _day_cache
+    start, end, day = _day_cache
+    if start <= at < end:
+        return day
+    day = time.strftime("%Y-%m-%d", time.gmtime(at))
+    start = (at // DAY_S) * DAY_S
+    _day_cache = (start, start + DAY_S, day)
+    return day
 
 
 def day_end(day: str) -> float:
@@ -66,6 +78,16 @@ def _clamped(value: object, ceiling: float) -> float:
 def clamp_usage(usage: Usage) -> tuple[Usage, tuple[str, ...]]:
     """The record with every value inside its plausible range (module doc), and the names of
     the fields that had to change (empty for a sane record: then `usage` itself)."""
+    prompt, completion, cost = usage.prompt_tokens, usage.completion_tokens, usage.cost_usd
+    if (  # the common case, decided without the general checks below
+        type(prompt) is int
+        and type(completion) is int
+        and type(cost) is float
+        and 0 <= prompt <= MAX_TOKENS_PER_RECORD
+        and 0 <= completion <= MAX_TOKENS_PER_RECORD
+        and 0.0 <= cost <= MAX_COST_USD_PER_RECORD  # (False for NaN)
+    ):
+        return usage, ()
     prompt = int(_clamped(usage.prompt_tokens, MAX_TOKENS_PER_RECORD))
     completion = int(_clamped(usage.completion_tokens, MAX_TOKENS_PER_RECORD))
     cost = float(_clamped(usage.cost_usd, MAX_COST_USD_PER_RECORD))
@@ -85,10 +107,11 @@ def clamp_usage(usage: Usage) -> tuple[Usage, tuple[str, ...]]:
     ), changed
 
 
-def usage_vector(usage: Usage) -> UsageVector:
-    """The record as integers; `usage` has been through clamp_usage (the stores do it), the
-    guards here only keep a direct caller from failing."""
-    usage, _ = clamp_usage(usage)
+def usage_vector(usage: Usage, clamped: bool = False) -> UsageVector:
+    """The record as integers. `clamped`: it has been through clamp_usage already (the stores
+    do it first); otherwise it is clamped here, so a direct caller cannot fail."""
+    if not clamped:
+        usage, _ = clamp_usage(usage)
     return [1, usage.prompt_tokens, usage.completion_tokens, round(usage.cost_usd * PICO_PER_USD)]
 
 

@@ -285,7 +285,10 @@ class RouteWindows:
     def add_attempt(self, attempt: Attempt, at: float) -> None:
         sample = sample_of(attempt)
         for key in bucket_keys_for(at):
-            self.buckets.setdefault(key, Bucket()).add_sample(sample)
+            bucket = self.buckets.get(key)  # (not setdefault: it would build a Bucket each time)
+            if bucket is None:
+                bucket = self.buckets[key] = Bucket()
+            bucket.add_sample(sample)
             for name, anchor in self._anchor.items():
                 if in_window(key, name, anchor):
                     self._sums[name].add_sample(sample)

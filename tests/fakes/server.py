@@ -58,7 +58,7 @@ def free_port() -> int:
 class ServerThread:
     """An ASGI app served by uvicorn on 127.0.0.1 (a real socket) in a background thread."""
 
-    def __init__(self, app: Any, *, log_level: str = "critical"):
+    def __init__(self, app: Any, *, log_level: str = "critical", http: Any = "httptools"):
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -68,7 +68,7 @@ class ServerThread:
             app,
             log_level=log_level,
             lifespan="on",
-            http="httptools",
+            http=http,
             interface="asgi3",
             timeout_graceful_shutdown=1,
             access_log=False,

@@ -2,8 +2,7 @@
 
     fakes = FakeUpstreams(["lepton", "novita", "openrouter", "deepinfra"]).start()
     fakes.base_url("deepinfra")            # http://127.0.0.1:PORT/deepinfra/v1
-    fakes["lepton"].inject(Fault("http_500"))          # the next request gets a 500
-    fakes["lepton"].inject(Fault("http_429", retry_after="1"), times=2)
+    fakes["lepton"].inject(Fault("http_429", retry_after="1"), times=2)  # the next two: 429
     fakes["lepton"].served                 # Served(requests, prompt_tokens, completion_tokens)
     fakes.stop()
 
@@ -14,9 +13,8 @@ event's JSON over two `data:` lines, and DeepInfra answers "Hello!" with the sam
 from its model page (seeds/003: the body with `usage.estimated_cost`; the stream " ", " Hi",
 "!", "", "</s>", then the finish chunk).
 
-Faults are queued per provider and each applies to one request (see `Fault`). A fake counts
-what it served: a request is served when the fake sent its usage (the non-stream body, or the
-stream's usage chunk); `disconnects` counts requests whose client hung up first.
+Faults are queued per provider, one request each (`Fault`). A request is served (counted) when
+the fake sent its usage; `disconnects` counts requests whose client hung up first.
 """
 
 from __future__ import annotations
@@ -53,6 +51,7 @@ FAULT_KINDS = (
     "malformed_after_first",  # `after` content chunks, then an event that is not JSON
     "no_usage",  # a normal answer that reports no usage (even when asked)
     *HOSTILE_KINDS,  # too big, too slow, not what was asked (hostile.py)
+    "no_role_chunk",  # a stream that starts with content: no {"role": "assistant"} delta
 )
 
 
@@ -300,7 +299,7 @@ class _Handler:
             }
         )
         out = self.p.keepalive()
-        if chat and not sample:
+        if chat and not sample and kind != "no_role_chunk":
             out += self.p.encode_event(chunk("", role=True))
         if kind == "malformed":
             out += self.p.encode_event("{not json")

@@ -20,6 +20,7 @@ import pytest
 from openai import AsyncOpenAI, OpenAI
 
 from gateway.api.app import create_app
+from gateway.api.http_server import GatewayHttpProtocol
 from gateway.api.state import GatewayState
 from gateway.settings import HOSTED_PROVIDERS, Settings
 from tests.fakes.server import ServerThread
@@ -65,10 +66,11 @@ def gateway_settings(fakes: FakeUpstreams, **overrides: Any) -> Settings:
 class Gateway:
     """A running gateway: its URL, its state, and a way to run coroutines on its loop."""
 
-    def __init__(self, settings: Settings, **app_kwargs: Any):
+    def __init__(self, settings: Settings, http: Any = GatewayHttpProtocol, **app_kwargs: Any):
         self.settings = settings
         self.app = create_app(settings, **app_kwargs)
-        self.server = ServerThread(self.app)
+        # `gateway serve`'s own protocol by default; "httptools" for plain uvicorn
+        self.server = ServerThread(self.app, http=http)
         self.url = self.server.url
         self.base_url = f"{self.url}/v1"
 
@@ -125,8 +127,13 @@ def start_gateway(
 ) -> Iterator[Callable[..., Gateway]]:
     started: list[Gateway] = []
 
-    def start(app_kwargs: dict[str, Any] | None = None, **overrides: Any) -> Gateway:
-        gateway = Gateway(gateway_settings(upstreams, **overrides), **(app_kwargs or {}))
+    def start(
+        app_kwargs: dict[str, Any] | None = None,
+        server_http: Any = GatewayHttpProtocol,
+        **overrides: Any,
+    ) -> Gateway:
+        settings = gateway_settings(upstreams, **overrides)
+        gateway = Gateway(settings, http=server_http, **(app_kwargs or {}))
         gateway.server.start()
         started.append(gateway)
         return gateway

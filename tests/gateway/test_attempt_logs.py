@@ -30,6 +30,7 @@ def _serve(upstreams: FakeUpstreams, port: int) -> subprocess.Popen[str]:
         LEPTON_BASE_URL=upstreams.base_url("lepton"),
         GATEWAY_API_KEYS="ops:sk-client-key-abcdef123456",
         TIMEOUT_HEADERS_S="2",
+        LOG_LEVEL="info",  # the access log too (off at the default, warning): JSON as well
     )
     return subprocess.Popen(
         [*gateway_cmd(), "serve", "--port", str(port), "--log-format", "json"],
@@ -154,3 +155,24 @@ def test_a_stream_cut_after_the_first_token_logs_phase_stream(
         if x.startswith("{") and '"upstream_attempt_failed"' in x
     ]
     assert len(failed) == 1 and failed[0]["phase"] == "stream", failed
+
+
+class _Live:
+    def has_capacity(self) -> bool:
+        return True
+
+
+def test_the_startup_summary_shows_at_the_default_level(caplog: pytest.LogCaptureFixture) -> None:
+    """The default level is warning (the access log's cost), but the line that says which
+    routes are live and why the others are not must still reach the operator."""
+    from gateway.api.startup_report import log_route_summary
+    from gateway.catalog import load_catalog
+    from gateway.logging_setup import configure_logging
+    from gateway.settings import DEFAULT_CONFIG
+
+    configure_logging("warning", ())
+    with caplog.at_level(logging.NOTSET):
+        log_route_summary(load_catalog(DEFAULT_CONFIG), {"lepton": _Live()})
+    ready = [r for r in caplog.records if "routes_ready" in r.getMessage()]
+    assert len(ready) == 1 and ready[0].levelno == logging.INFO
+    assert "lepton/wizardlm-2-8x22b" in ready[0].getMessage()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import email.utils
+import random
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -336,3 +337,16 @@ def test_registry_builds_only_keyed_providers_with_overrides(upstreams: FakeUpst
     assert client.headers["HTTP-Referer"] == "https://example.test/app"
     assert client.headers["X-Title"] == "gateway tests"
     assert "HTTP-Referer" not in providers["deepinfra"]._client.headers  # type: ignore[attr-defined]
+
+
+def test_sse_decoder_whole_events_at_once_match_byte_by_byte() -> None:
+    """The decoder's fast path (whole events split at once) answers as the per-line rules."""
+    rng = random.Random(7)
+    parts = [b'data: {"a":1}\n\n', b"data:x\n\n", b": keep\n", b"\n", b"data: [DONE]\n\n"]
+    parts += [b'event: error\ndata: {"m":1}\n\n', b"data: a\ndata: b\n\n", b"id: 3\n", b"data\n\n"]
+    for _ in range(500):
+        stream = b"".join(rng.choice(parts) for _ in range(rng.randint(1, 8)))
+        whole, single = SSEDecoder(), SSEDecoder()
+        at_once = whole.feed(stream) + whole.close()
+        by_byte = [e for i in range(len(stream)) for e in single.feed(stream[i : i + 1])]
+        assert at_once == by_byte + single.close(), stream
