@@ -13,7 +13,9 @@ What "triton" installs (each kernel beside its torch reference in reference.py):
                        over the cache (decode_attention.py); prefill keeps the model's forward
     MoE                fused_moe.fused_moe: top-2 routing, grouped GEMMs over experts, bf16 or
                        int8/int4 experts dequantized inside the GEMM (quant.py)
-    QuantizedLinear    quant.dequant_matmul (attention projections quantized by quantize.py)
+    QuantizedLinear    dense_quant.dense_linear: the int8/int4 attention projections (and output
+                       head, when quantized) repacked at install for a split-K GEMV at decode
+                       and a tile GEMM or dequantize-then-cuBLAS at prefill
 
 "torch" restores the model's own forwards, except that quantized experts and projections (which
 the model's code cannot read) run the reference dequantizing path.
@@ -101,7 +103,7 @@ def install(model: Transformer, backend: Backend) -> Transformer:
                 quantized = forwards.is_quantized(module)
                 _set_forward(module, forwards.moe_torch_quantized if quantized else None)
         elif isinstance(module, QuantizedLinear):
-            module.backend = backend
+            module.set_backend(backend)
     # a plain attribute (nn.Module's typed __setattr__ only admits tensors and modules)
     model.__dict__["kernel_backend"] = backend  # read by decode_step and quantize
     return model

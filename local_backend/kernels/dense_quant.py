@@ -202,6 +202,8 @@ def choose_config(weight: DenseQuantWeight, m: int, device: torch.device) -> Den
 def check_config(weight: DenseQuantWeight, config: DenseConfig) -> None:
     if config.mode not in ("fused", "dequant"):
         raise ValueError(f"unknown mode {config.mode!r}")
+    if config.mode == "dequant":
+        return  # cuBLAS: no tiles of ours
     if weight.format == "int4" and config.block_k != weight.group_size:
         raise ValueError(f"int4 block_k must be the group size {weight.group_size}")
     if config.uses_dot and weight.format == "int4" and weight.group_size < 32:

@@ -7,7 +7,8 @@ instance, so the model's classes stay untouched and `install(model, "torch")` un
 Quantized experts live on the MoE module as buffers `w1_qweight`, `w1_scales` (same for w3,
 w2) in place of the `w1` parameter, with `expert_format` and `expert_quant` (group size and
 input features per matrix) beside them; `expert_weights(moe)` gives them back as
-QuantizedWeight views. Quantized dense projections are `QuantizedLinear` modules.
+QuantizedWeight views. Quantized dense layers (attention projections, optionally the output
+head) are `QuantizedLinear` modules, run by dense_quant.dense_linear on the triton backend.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from torch import nn
 from . import reference
 from .decode_attention import decode_attention, write_kv_
 from .fused_moe import fused_moe
-from .quant import QuantizedWeight, dequant_matmul
+from .dense_quant import DenseQuantWeight, dense_linear
+from .quant import QuantizedWeight
 from .reference import ExpertWeight
 from .rmsnorm import add_rms_norm, rms_norm
 from .rotary import apply_rotary_
@@ -67,7 +69,12 @@ def expert_weights(moe: Any) -> tuple[ExpertWeight, ExpertWeight, ExpertWeight]:
 
 
 class QuantizedLinear(nn.Module):
-    """A bias-free nn.Linear whose weight is stored int8 / int4 (dense layers: attention)."""
+    """A bias-free nn.Linear whose weight is stored int8 / int4 (attention, the output head).
+
+    Its buffers hold one of two layouts: quant.py's (`dense_layout` False: what the torch path
+    and quantize.py speak) or dense_quant.py's repacked one (True: what the triton kernel
+    reads). `set_backend` switches the layout in place, one matrix at a time, at install.
+    """
 
     qweight: torch.Tensor
     scales: torch.Tensor
@@ -81,15 +88,39 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("qweight", weight.qweight)
         self.register_buffer("scales", weight.scales)
         self.backend: Backend = "torch"
+        self.dense_layout = False
+
+    def set_backend(self, backend: Backend) -> None:
+        """Use `backend`'s forward, repacking (or restoring) the weight for it."""
+        dense = backend == "triton"
+        if dense != self.dense_layout:
+            if dense:
+                packed = DenseQuantWeight.from_quantized(self.weight_view())
+                self.qweight, self.scales = packed.codes, packed.scales
+            else:
+                plain = self.dense_view().to_quantized()
+                self.qweight, self.scales = plain.qweight, plain.scales
+            self.dense_layout = dense
+        self.backend = backend
 
     def weight_view(self) -> QuantizedWeight:
+        """The weight in quant.py's layout (a conversion when the buffers hold the dense one)."""
+        if self.dense_layout:
+            return self.dense_view().to_quantized()
         return QuantizedWeight(
+            self.format, self.qweight, self.scales, self.group_size, self.in_features
+        )
+
+    def dense_view(self) -> DenseQuantWeight:
+        if not self.dense_layout:
+            return DenseQuantWeight.from_quantized(self.weight_view())
+        return DenseQuantWeight(
             self.format, self.qweight, self.scales, self.group_size, self.in_features
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":
-            return dequant_matmul(x, self.weight_view())
+            return dense_linear(x, self.dense_view())
         # torch: dequantize the matrix for this call (memory_plan's workspace counts it)
         return F.linear(x, self.weight_view().dequantize(x.dtype))
 
