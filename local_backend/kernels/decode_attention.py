@@ -8,14 +8,24 @@ head. Instead:
   so scores are a tensor-core dot), so each K/V row is read from HBM once;
 - the sequence is cut into splits, one program each (grid: sequences x KV heads x splits),
   each writing a partial output and its log-sum-exp; a second kernel merges the splits.
-Split count and size depend only on static shapes (batch, cache length, SM count), so the
-launch is CUDA-graph safe; splits past a sequence's length return at once.
+The split count depends only on static shapes (batch, cache length, SM count), so the launch
+is CUDA-graph safe; each sequence's *actual* length is divided among the splits on the device
+(a 1k-token sequence in a 64k cache still spreads over every split, rather than leaving all
+but the first idle), and splits past the end return at once.
+
+Launch configs are data: `choose_config` reads the tuned entry for this device and shape
+(launch_configs.py, kernel "decode_attention", shape "H=48 Hkv=8 D=128", buckets batch x
+cache length) and falls back to `heuristic_config` on devices never tuned.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+from typing import Any
+
 import torch
 
+from . import launch_configs
 from .runtime import (
     HAS_TRITON,
     cdiv,
@@ -31,6 +41,9 @@ BLOCK_N = 64  # keys per inner step: [16, 128] x [128, 64] dots, a 16 KB bf16 K 
 MIN_SPLIT = 256  # below this a split costs more in merge traffic than it wins in parallelism
 
 
+KERNEL = "decode_attention"  # the configs/ folder of this kernel
+
+
 def choose_num_splits(batch: int, n_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough (sequence, KV head, split) programs to fill the GPU about twice over."""
     programs = batch * n_kv_heads
@@ -38,12 +51,49 @@ def choose_num_splits(batch: int, n_kv_heads: int, max_len: int, device: torch.d
     return max(1, min(wanted, cdiv(max_len, MIN_SPLIT)))
 
 
+@dataclass(frozen=True)
+class AttentionConfig:
+    num_splits: int
+    block_n: int = BLOCK_N
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shape_key(n_heads: int, n_kv_heads: int, head_dim: int) -> str:
+    return f"H={n_heads} Hkv={n_kv_heads} D={head_dim}"
+
+
+def heuristic_config(
+    batch: int, n_kv_heads: int, max_len: int, device: torch.device
+) -> AttentionConfig:
+    return AttentionConfig(num_splits=choose_num_splits(batch, n_kv_heads, max_len, device))
+
+
+def choose_config(
+    batch: int, n_heads: int, n_kv_heads: int, head_dim: int, max_len: int, device: torch.device
+) -> AttentionConfig:
+    """The tuned config nearest (batch, cache length) on this device, else the heuristic."""
+    key = shape_key(n_heads, n_kv_heads, head_dim)
+    tuned = launch_configs.lookup(KERNEL, device, key, (batch, max_len))
+    if tuned is not None:
+        try:
+            config = AttentionConfig(**tuned)
+            if config.num_splits >= 1 and config.block_n == next_power_of_2(config.block_n) >= 16:
+                return config
+        except TypeError:
+            pass  # a stale entry: the heuristic is always valid
+    return heuristic_config(batch, n_kv_heads, max_len, device)
+
+
 if HAS_TRITON:
 
     @triton.jit
     def _decode_split_kernel(
         q_ptr, k_ptr, v_ptr, slots_ptr, lens_ptr, out_ptr, lse_ptr,
-        sm_scale_log2, split_len,
+        sm_scale_log2,
         stride_qb, stride_qh,
         stride_ks, stride_kl, stride_kh, stride_vs, stride_vl, stride_vh,
         stride_ob, stride_oh, stride_os, stride_lb, stride_lh,
@@ -55,6 +105,8 @@ if HAS_TRITON:
         kv_head = tl.program_id(1).to(tl.int64)
         split = tl.program_id(2)
         length = tl.load(lens_ptr + seq)
+        # this sequence's length, cut into num_programs(2) runs of whole BLOCK_N blocks
+        split_len = tl.cdiv(tl.cdiv(length, tl.num_programs(2)), BLOCK_N) * BLOCK_N
         start = split * split_len
         end = tl.minimum(length, start + split_len)
         heads = kv_head * GROUP + tl.arange(0, BLOCK_H)  # the query heads sharing this KV head
@@ -198,11 +250,13 @@ def decode_attention(
     seq_lens: torch.Tensor,
     sm_scale: float | None = None,
     num_splits: int | None = None,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:
     """Triton flash-decoding; same contract as reference.decode_attention.
 
     q: [B, H, D]; k_cache, v_cache: [S, L, Hkv, D] (one layer of the KVCache, any strides with
     a contiguous last dim); slots, seq_lens: [B] int. Returns [B, H, D] in q's dtype.
+    `config` (or just `num_splits`) overrides the tuned / heuristic launch config.
     """
     check_device(q, k_cache, v_cache)
     batch, n_heads, head_dim = q.shape
@@ -215,23 +269,23 @@ def decode_attention(
         raise ValueError("q and the caches must be contiguous in head_dim")
     group = n_heads // n_kv_heads
     scale = sm_scale if sm_scale is not None else head_dim**-0.5
-    splits = num_splits or choose_num_splits(batch, n_kv_heads, max_len, q.device)
-    split_len = cdiv(cdiv(max_len, splits), BLOCK_N) * BLOCK_N
-    splits = cdiv(max_len, split_len)
+    if config is None:
+        config = choose_config(batch, n_heads, n_kv_heads, head_dim, max_len, q.device)
+    splits = num_splits or config.num_splits
     partial = torch.empty(batch, n_heads, splits, head_dim, device=q.device, dtype=torch.float32)
     lse = torch.empty(batch, n_heads, splits, device=q.device, dtype=torch.float32)
     slots = slots.to(torch.int32).contiguous()
     seq_lens = seq_lens.to(torch.int32).contiguous()
     _decode_split_kernel[(batch, n_kv_heads, splits)](
         q, k_cache, v_cache, slots, seq_lens, partial, lse,
-        scale * 1.4426950408889634, split_len,  # exp(x) = exp2(x * log2(e))
+        scale * 1.4426950408889634,  # exp(x) = exp2(x * log2(e))
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         partial.stride(0), partial.stride(1), partial.stride(2), lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_H=max(16, next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_N=BLOCK_N, DOT_FP32=interpreting() or q.dtype == torch.float32,
-        num_warps=4, num_stages=3,
+        BLOCK_N=config.block_n, DOT_FP32=interpreting() or q.dtype == torch.float32,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     out = torch.empty_like(q)
     _merge_splits_kernel[(batch, n_heads)](

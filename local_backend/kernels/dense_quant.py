@@ -117,7 +117,9 @@ class DenseQuantWeight:
 
     def to_quantized(self) -> QuantizedWeight:
         if self.format == "int8":
-            return QuantizedWeight("int8", self.codes, self.scales, self.group_size, self.in_features)
+            return QuantizedWeight(
+                "int8", self.codes, self.scales, self.group_size, self.in_features
+            )
         qweight, scales = restore_int4(self.codes, self.scales, self.group_size)
         return QuantizedWeight("int4", qweight, scales, self.group_size, self.in_features)
 
@@ -174,10 +176,9 @@ def heuristic(weight: DenseQuantWeight, m: int, device: torch.device) -> DenseCo
             return DenseConfig(block_m=8, block_n=32, block_k=group)
         return DenseConfig(block_m=64 if m <= 64 else 128, block_n=64 if m <= 64 else 128,
                            block_k=group or 64, num_warps=4 if m <= 64 else 8)  # fmt: skip
-    if m <= 4 or not dot_ok:
-        block_m = min(next_power_of_2(m), 8)  # the dot-free form: no padding to 16 rows
-    else:
-        block_m = 16 if m <= 16 else 32
+    # the dot-free form at a few rows (no padding to 16), tl.dot on 16 / 32-row tiles above
+    dot_free = m <= 4 or not dot_ok
+    block_m = min(next_power_of_2(m), 8) if dot_free else (16 if m <= 16 else 32)
     block_k = group or (256 if device.type == "cuda" else 64)
     block_n = 64 if device.type == "cuda" else 16
     programs = cdiv(n, block_n) * cdiv(m, block_m)

@@ -21,8 +21,8 @@ from torch import nn
 
 from . import reference
 from .decode_attention import decode_attention, write_kv_
-from .fused_moe import fused_moe
 from .dense_quant import DenseQuantWeight, dense_linear
+from .fused_moe import fused_moe
 from .quant import QuantizedWeight
 from .reference import ExpertWeight
 from .rmsnorm import add_rms_norm, rms_norm

@@ -74,9 +74,7 @@ FORMS = [
 @requires_triton
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize(("rows", "config"), FORMS)
-def test_dense_linear_matches_reference(
-    fmt: str, rows: int, config: dq.DenseConfig | None
-) -> None:
+def test_dense_linear_matches_reference(fmt: str, rows: int, config: dq.DenseConfig | None) -> None:
     q = quantized(fmt, 40, 96)  # N = 40: partial N tiles; K = 96: 3 groups of 32
     dense = dq.DenseQuantWeight.from_quantized(q)
     x = torch.randn(rows, 96)
@@ -99,7 +97,7 @@ def test_config_checks() -> None:
     dense = dq.DenseQuantWeight.from_quantized(quantized("int4", 8, 64, group=16))
     with pytest.raises(ValueError, match="group size"):
         dq.check_config(dense, dq.DenseConfig(block_k=64))
-    with pytest.raises(ValueError, match="tl.dot"):
+    with pytest.raises(ValueError, match=r"tl\.dot"):
         dq.check_config(dense, dq.DenseConfig(block_m=16, block_k=16))
     # the heuristic never breaks its own rules, whatever the rows
     for rows in (1, 3, 16, 32, 64, 2048):
