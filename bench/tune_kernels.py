@@ -1,7 +1,7 @@
 """Sweep the launch configs of the dense int8/int4 GEMV/GEMM and of decode attention, and write
 the fastest correct one per shape bucket as JSON the kernels read (kernels/launch_configs.py).
 
-    python bench/tune_kernels.py                  # CUDA: 8x22B shapes -> local_backend/kernels/configs/
+    python bench/tune_kernels.py                  # CUDA, 8x22B shapes -> kernels/configs/
     python bench/tune_kernels.py --tiny --out D   # CPU interpreter, tiny shapes (a smoke run)
 
 Dense: attention projections wq/wo (6144 x 6144), wk/wv (1024 x 6144) and the output head
@@ -16,10 +16,12 @@ the rest). The summary (best vs heuristic per bucket) goes to --summary as JSON.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +53,24 @@ class Budget:
     @property
     def spent(self) -> bool:
         return time.monotonic() > self.deadline
+
+
+def sweep(
+    run: Callable[..., torch.Tensor], candidates: Sequence[Any], expected: torch.Tensor
+) -> list[tuple[float, Any]]:
+    """(ms, config) of every candidate whose output matches `expected` (2% of its max)."""
+    scale = float(expected.abs().max()) + 1e-6
+    results: list[tuple[float, Any]] = []
+    for config in candidates:
+        try:
+            error = float((run(config=config).float() - expected.float()).abs().max()) / scale
+            if error > 2e-2:  # a wrong config never wins, however fast
+                print(f"  reject {config}: relative error {error:.3g}")
+                continue
+            results.append((time_ms(functools.partial(run, config=config)), config))
+        except Exception as exc:  # out of shared memory, registers...: not a candidate
+            print(f"  skip {config}: {type(exc).__name__}: {str(exc)[:120]}")
+    return results
 
 
 def dense_candidates(
@@ -90,7 +110,7 @@ def tune_dense(args: argparse.Namespace, device: torch.device, budget: Budget) -
     rows = TINY_ROWS if args.tiny else REAL_ROWS
     dtype = torch.float32 if args.tiny else torch.bfloat16
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
-    summary = []
+    summary: list[dict[str, Any]] = []
     for fmt, (n, k) in itertools.product(args.formats.split(","), shapes):
         w = torch.randn(n, k, device=device) * 0.02
         q = quantize_int4(w, group_size=32 if args.tiny else None) if fmt == "int4" else (
@@ -103,20 +123,8 @@ def tune_dense(args: argparse.Namespace, device: torch.device, budget: Budget) -
                 return {"configs": tuned, "summary": summary, "stopped_early": True}
             x = torch.randn(m, k, device=device, dtype=dtype)
             expected = (x.float() @ dense.t()).to(dtype)
-            scale = float(expected.abs().max()) + 1e-6
-            results = []
-            for config in dense_candidates(weight, m, device, args.tiny):
-                try:
-                    out = dq.dense_linear(x, weight, config)
-                    error = float((out.float() - expected.float()).abs().max()) / scale
-                    if error > 2e-2:  # a wrong config never wins, however fast
-                        print(f"  reject {config}: relative error {error:.3g}")
-                        continue
-                    results.append(
-                        (time_ms(lambda c=config: dq.dense_linear(x, weight, c)), config)
-                    )
-                except Exception as exc:  # out of shared memory, registers...: not a candidate
-                    print(f"  skip {config}: {type(exc).__name__}: {str(exc)[:120]}")
+            candidates = dense_candidates(weight, m, device, args.tiny)
+            results = sweep(functools.partial(dq.dense_linear, x, weight), candidates, expected)
             if not results:
                 continue
             best_ms, best = min(results, key=lambda r: r[0])
@@ -154,7 +162,7 @@ def tune_attention(args: argparse.Namespace, device: torch.device, budget: Budge
     dtype = torch.float32 if args.tiny else torch.bfloat16
     key = attn.shape_key(n_heads, n_kv, head_dim)
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
-    summary = []
+    summary: list[dict[str, Any]] = []
     for batch, length in points:
         if budget.spent:
             return {"configs": tuned, "summary": summary, "stopped_early": True}
@@ -164,27 +172,19 @@ def tune_attention(args: argparse.Namespace, device: torch.device, budget: Budge
         slots = torch.arange(batch, device=device)
         lengths = torch.full((batch,), length, device=device)
         expected = reference.decode_attention(q, k_cache, v_cache, slots, lengths).float()
-        results = []
-        for config in attention_candidates(batch, n_kv, length, device, args.tiny):
-            try:
-                out = attn.decode_attention(q, k_cache, v_cache, slots, lengths, config=config)
-                if float((out.float() - expected).abs().max()) > 2e-2:
-                    print(f"  reject {config}")
-                    continue
-                results.append((time_ms(lambda c=config: attn.decode_attention(
-                    q, k_cache, v_cache, slots, lengths, config=c)), config))  # fmt: skip
-            except Exception as exc:
-                print(f"  skip {config}: {type(exc).__name__}: {str(exc)[:120]}")
+        run = functools.partial(attn.decode_attention, q, k_cache, v_cache, slots, lengths)
+        results = sweep(run, attention_candidates(batch, n_kv, length, device, args.tiny), expected)
         if not results:
             continue
         best_ms, best = min(results, key=lambda r: r[0])
         kv_bytes = 2 * k_cache.nbytes
         tuned.setdefault(key, {})[launch_configs.bucket_name(batch, length)] = best.as_dict()
+        rate = kv_bytes / best_ms / 1e6
         summary.append({"kernel": attn.KERNEL, "shape": key, "batch": batch, "length": length,
                         "best_ms": best_ms, "heuristic_ms": results[0][0],
-                        "config": best.as_dict(), "gb_per_s": kv_bytes / best_ms / 1e6})  # fmt: skip
+                        "config": best.as_dict(), "gb_per_s": rate})  # fmt: skip
         print(f"{key} batch {batch} length {length}: {best_ms:.4f} ms "
-              f"(heuristic {results[0][0]:.4f}; KV {kv_bytes / best_ms / 1e6:.0f} GB/s) {best}")  # fmt: skip
+              f"(heuristic {results[0][0]:.4f}; KV {rate:.0f} GB/s) {best}")  # fmt: skip
     return {"configs": tuned, "summary": summary, "stopped_early": False}
 
 
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {"device": name, "device_key": key, "kernels": {}}
     sweeps = {"dense": (dq.KERNEL, tune_dense), "attention": (attn.KERNEL, tune_attention)}
     for wanted in args.kernels.split(","):
-        kernel, sweep = sweeps[wanted]
+        kernel, run_sweep = sweeps[wanted]
         torch.manual_seed(0)
-        result = sweep(args, device, Budget(args.budget_s))
+        result = run_sweep(args, device, Budget(args.budget_s))
         path = launch_configs.write_configs(kernel, name, key, result["configs"], out_dir)
         print(
             f"wrote {path}" + (" (budget spent: partial sweep)" if result["stopped_early"] else "")

@@ -73,6 +73,26 @@ class _RequestState:
         return True
 
 
+def _put_all(deliveries: list[tuple[_RequestState, list[_StreamItem]]]) -> None:
+    """On the consumers' loop: hand each request its step's items."""
+    for state, items in deliveries:
+        state.wakeup.put_nowait(items)
+
+
+def _deliver_batched(deliveries: list[tuple[_RequestState, list[_StreamItem]]]) -> None:
+    """One wake-up per event loop per step (not one per request: at batch 32 that was 32
+    self-pipe writes and 32 loop callbacks each step); a closed loop cancels its requests."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_RequestState, list[_StreamItem]]]] = {}
+    for state, items in deliveries:
+        by_loop.setdefault(state.loop, []).append((state, items))
+    for loop, batch in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_put_all, batch)
+        except RuntimeError:  # event loop closed: its consumers are gone
+            for state, _ in batch:
+                state.cancelled = True
+
+
 class GenerationStream:
     """Async iterator of ChoiceDelta for one request; `usage` is set when it ends."""
 
@@ -359,8 +379,7 @@ class Engine:
                     items.append(Usage(len(state.request.prompt_tokens), state.completion_tokens))
                     self._active.remove(state)
                     self._stats.requests_finished += 1
-                if not state.deliver(items):
-                    state.cancelled = True
+        _deliver_batched(list(per_request.items()))
 
     def _fail_active(self, error: EngineError) -> None:
         with self._cond:
