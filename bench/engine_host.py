@@ -63,43 +63,40 @@ def stub_config() -> ModelConfig:
                        vocab_size=32000, max_seq_len=4096, name="stub")  # fmt: skip
 
 
-async def _run(
-    engine: Engine, batch: int, steps: int, prompt: list[int]
-) -> tuple[float, float]:
-    """(wall seconds, process CPU seconds) per decode step, over row 0's decode deltas. CPU
-    time counts the engine thread and the consumers alike and is what a loaded machine
-    distorts least (wall time there includes waiting for a core)."""
+async def _run(engine: Engine, batch: int, steps: int, prompt: list[int]) -> tuple[float, float]:
+    """(wall, process CPU) seconds for `batch` requests of `steps` tokens, submit to done."""
     params = SamplingParams(temperature=0.0)
-    arrivals: list[tuple[float, float]] = []
 
-    async def consume(request: GenerationRequest, record: bool) -> None:
+    async def consume(request: GenerationRequest) -> None:
         async with engine.submit(request) as stream:
             async for _ in stream:
-                if record:
-                    arrivals.append((time.perf_counter(), time.process_time()))
+                pass
 
     requests = [GenerationRequest(prompt, steps, params, ignore_eos=True) for _ in range(batch)]
-    await asyncio.gather(*(consume(r, i == 0) for i, r in enumerate(requests)))
-    decode = arrivals[1:]  # the first delta comes from prefill
-    intervals = max(1, len(decode) - 1)
-    return (
-        (decode[-1][0] - decode[0][0]) / intervals,
-        (decode[-1][1] - decode[0][1]) / intervals,
-    )
+    wall, cpu = time.perf_counter(), time.process_time()
+    await asyncio.gather(*(consume(r) for r in requests))
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def host_us_per_step(
     batch: int, steps: int = 64, repeats: int = 5, tokenizer: Tokenizer | None = None
 ) -> tuple[float, float]:
-    """(wall, CPU) microseconds of host work per decode step at `batch` (best of repeats)."""
+    """(wall, CPU) microseconds of host work per decode step at `batch`: the difference of a
+    run of 8 + `steps` tokens and one of 8, over `steps` (prefill and the first and last
+    deltas cancel out), the best of `repeats` pairs. CPU time counts the engine thread and
+    the consumers alike, and is what a loaded machine distorts least."""
     config = stub_config()
     tokenizer = tokenizer or Tokenizer.from_mistral_common("v1")
     engine = Engine(LogitsStub(config), tokenizer, config, max_slots=batch,
                     max_seq_len=steps + 64, queue_size=batch).start()  # fmt: skip
     prompt = list(range(100, 132))
+    samples = []
     try:
         asyncio.run(_run(engine, batch, 4, prompt))  # warm-up
-        samples = [asyncio.run(_run(engine, batch, steps, prompt)) for _ in range(repeats)]
+        for _ in range(repeats):
+            short = asyncio.run(_run(engine, batch, 8, prompt))
+            long = asyncio.run(_run(engine, batch, 8 + steps, prompt))
+            samples.append(((long[0] - short[0]) / steps, (long[1] - short[1]) / steps))
     finally:
         engine.stop()
     # the least of the repeats: on a shared machine noise only ever adds time
