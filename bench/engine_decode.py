@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import copy
 import dataclasses
+import itertools
 import json
 import statistics
 import sys
@@ -131,7 +132,7 @@ async def decode_interval(engine: Engine, batch: int, prompt: int, steps: int) -
 
     prompts = torch.randint(3, vocab, (batch, prompt), generator=generator).tolist()
     await asyncio.gather(*(consume(p, i == 0) for i, p in enumerate(prompts)))
-    return statistics.median(b - a for a, b in zip(arrivals[1:], arrivals[2:], strict=False))
+    return statistics.median(b - a for a, b in itertools.pairwise(arrivals[1:]))  # [0]: prefill
 
 
 async def time_to_first_token(engine: Engine, prompt: int) -> float:
@@ -184,8 +185,9 @@ def run_format(args: argparse.Namespace, fmt: str, device: torch.device) -> dict
                     replay = device_step_ms(engine, batch, args.prompt + args.steps)
                     if replay is not None:
                         device_ms[batch][n_layers] = replay
-                    print(f"{fmt} {n_layers} layers batch {batch}: step "
-                          f"{decode[batch][n_layers]:.3f} ms (device {replay or 0:.3f} ms)")  # fmt: skip
+                    step_ms = decode[batch][n_layers]
+                    print(f"{fmt} {n_layers} layers batch {batch}: step {step_ms:.3f} ms "
+                          f"(device {replay or 0:.3f} ms)")  # fmt: skip
                 for prompt in prefills:
                     asyncio.run(time_to_first_token(engine, prompt))  # warm-up
                     runs = [asyncio.run(time_to_first_token(engine, prompt))
@@ -221,7 +223,8 @@ def summarize(args: argparse.Namespace, results: list[dict[str, Any]], dev: Devi
                          "bound_tokens_per_s": bound if batch == 1 else None,
                          "share_of_bound": tps / bound if bound and batch == 1 else None,
                          "device_step_ms_56": device_step,
-                         "host_share": 1 - device_step / step if device_step else None})  # fmt: skip
+                         "host_share": 1 - device_step / step if device_step else None,
+                         })  # fmt: skip
         for prompt, points in result["ttft_ms"].items():
             ms = Fit.of(points).at(target)
             flops = prefill_flops(full, prompt) / (ms / 1e3)
