@@ -154,3 +154,26 @@ def test_quantized_model_with_head_triton_equals_torch(fmt: str) -> None:
     assert cast(QuantizedLinear, attention.wq).dense_layout
     assert cast(QuantizedLinear, model.output).dense_layout
     assert_same_logits(run_steps(model, decode_steps=1), expected)
+
+
+@pytest.mark.gpu
+@requires_triton
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(6144, 6144), (1024, 6144), (32000, 6144)])
+def test_dense_linear_8x22b_shapes_gpu(fmt: str, shape: tuple[int, int]) -> None:
+    """Every form at the real shapes in bf16, the split-K counters included (run twice: the
+    second launch must find them reset). Norm-wise bound: bf16 output rounding is 2^-8."""
+    n, k = shape
+    dense = dq.DenseQuantWeight.from_quantized(
+        quantized(fmt, n, k, group=128) if fmt == "int4" else quantized(fmt, n, k)
+    )
+    dense = dq.DenseQuantWeight(dense.format, dense.codes.cuda(), dense.scales.cuda(),
+                                dense.group_size, dense.in_features)  # fmt: skip
+    for rows in (1, 3, 8, 32, 512, 4096):
+        x = torch.randn(rows, k, device="cuda").bfloat16()
+        expected = dq.reference_linear(x.float(), dense)
+        for _ in range(2):
+            out = dq.dense_linear(x, dense).float()
+            error = (out - expected).norm() / expected.norm()
+            assert error < 1e-2, f"M={rows}: relative error {error:.2e}"
+    assert not dq.split_counters(torch.device("cuda")).any()

@@ -103,3 +103,22 @@ def test_tuner_tiny_writes_configs_the_kernels_read(tmp_path: Path) -> None:
             assert chosen.as_dict() == row["config"]
     finally:
         launch_configs.use_directory(None)
+
+
+@pytest.mark.gpu
+@requires_triton
+@pytest.mark.parametrize(("batch", "length"), [(1, 1024), (1, 65536), (8, 4096), (32, 1024)])
+def test_attention_gqa_48_8_gpu(batch: int, length: int) -> None:
+    """GQA 48/8, head dim 128, bf16, with the device's tuned (or heuristic) config; ragged
+    lengths inside a cache of `length` positions."""
+    device = torch.device("cuda")
+    k_cache = torch.randn(batch, length, 8, 128, device=device).bfloat16()
+    v_cache = torch.randn_like(k_cache)
+    q = torch.randn(batch, 48, 128, device=device).bfloat16()
+    slots = torch.arange(batch, device=device)
+    lengths = torch.randint(1, length + 1, (batch,), device=device)
+    lengths[0] = length
+    out = attn.decode_attention(q, k_cache, v_cache, slots, lengths).float()
+    expected = reference.decode_attention(q.float(), k_cache.float(), v_cache.float(), slots,
+                                          lengths)  # fmt: skip
+    assert float((out - expected).abs().max()) < 2e-2
