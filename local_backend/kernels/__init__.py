@@ -9,8 +9,9 @@ What "triton" installs (each kernel beside its torch reference in reference.py):
 
     RMSNorm            rmsnorm.rms_norm
     TransformerBlock   the residual add fused into ffn_norm (rmsnorm.add_rms_norm)
-    Attention          at decode: rotary in place (rotary.py), cache write and flash-decoding
-                       over the cache (decode_attention.py); prefill keeps the model's forward
+    Attention          at decode: one fused q/k/v GEMV (wq, wk, wv become views of one
+                       weight: forwards.fuse_qkv), rotary in place (rotary.py), cache write and
+                       flash-decoding (decode_attention.py); prefill keeps the model's forward
     MoE                fused_moe.fused_moe: top-2 routing, grouped GEMMs over experts, bf16 or
                        int8/int4 experts dequantized inside the GEMM (quant.py)
     QuantizedLinear    dense_quant.dense_linear: the int8/int4 attention projections (and output
@@ -104,6 +105,11 @@ def install(model: Transformer, backend: Backend) -> Transformer:
                 _set_forward(module, forwards.moe_torch_quantized if quantized else None)
         elif isinstance(module, QuantizedLinear):
             module.set_backend(backend)
+    # after the projections took their layout: fuse q/k/v for the decode GEMV (triton)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            fuse = triton and not windowed
+            (forwards.fuse_qkv if fuse else forwards.unfuse_qkv)(module)
     # a plain attribute (nn.Module's typed __setattr__ only admits tensors and modules)
     model.__dict__["kernel_backend"] = backend  # read by decode_step and quantize
     return model

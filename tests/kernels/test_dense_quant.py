@@ -177,3 +177,27 @@ def test_dense_linear_8x22b_shapes_gpu(fmt: str, shape: tuple[int, int]) -> None
             error = (out - expected).norm() / expected.norm()
             assert error < 1e-2, f"M={rows}: relative error {error:.2e}"
     assert not dq.split_counters(torch.device("cuda")).any()
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "int4"])
+def test_install_fuses_qkv_into_views(fmt: str) -> None:
+    """triton: wq, wk, wv become row views of one fused weight (no second copy); torch: the
+    fused weight is dropped and the projections still hold the same values."""
+    model = tiny_model()
+    quantize_model(model, fmt, backend="torch")
+    attention = cast(Attention, model.layers[0].attention)
+    x = torch.randn(2, 1, 64)
+    before = [attention.wq(x), attention.wk(x), attention.wv(x)]
+    install(model, "triton")
+    fused = attention.__dict__["qkv"]
+    storage = fused.codes if isinstance(fused, dq.DenseQuantWeight) else fused
+    assert storage.shape[0] == 64 + 2 * 32  # q_dim + 2 kv_dim rows
+    first = attention.wq.qweight if fmt == "int4" else attention.wq.weight
+    last = attention.wv.qweight if fmt == "int4" else attention.wv.weight
+    assert first.data_ptr() == storage.data_ptr()
+    assert last.data_ptr() == storage[96:].data_ptr()
+    install(model, "torch")
+    assert "qkv" not in attention.__dict__
+    after = [attention.wq(x), attention.wk(x), attention.wv(x)]
+    for a, b in zip(after, before, strict=True):
+        assert torch.equal(a, b)
