@@ -239,15 +239,36 @@ def attention_triton(
         return type(self).forward(self, x, cos, sin, mask, positions, cache, slots)
     H, Dh = self.n_heads, self.head_dim
     q, k, v = qkv_projection(self, x)  # [B, H, Dh], [B, K, Dh], [B, K, Dh]
-    pos = positions.reshape(B)  # [B, 1] -> [B]
+    rows, pos, slots32, lengths = decode_indices(cache, cos, positions, slots)
     # The model hands cos/sin per token ([B, 1, Dh]); row b of that table is token b's angles.
-    rows = torch.where(pos >= 0, torch.arange(B, device=pos.device), -1)
     apply_rotary_(q, k, rows, cos.reshape(B, Dh), sin.reshape(B, Dh))
     layer = self.layer_id
-    write_kv_(cache.k[layer], cache.v[layer], k, v, slots, pos)
-    lengths = pos + 1  # attend to positions <= pos; padding (-1) attends to nothing
-    out = decode_attention(q, cache.k[layer], cache.v[layer], slots, lengths)  # [B, H, Dh]
+    write_kv_(cache.k[layer], cache.v[layer], k, v, slots32, pos)
+    out = decode_attention(q, cache.k[layer], cache.v[layer], slots32, lengths)  # [B, H, Dh]
     return self.wo(out.view(B, 1, H * Dh))  # [B, H, Dh] -> [B, 1, H*Dh]
+
+
+def decode_indices(
+    cache: Any, cos: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
+) -> tuple[Any, ...]:
+    """(rotary rows, positions, slots, lengths) of a decode step, int32 [B] each, computed
+    by the first layer and reused by the other 55: every layer gets the same positions and
+    slots tensors, and seven tiny kernels x 56 layers are ~0.5-1 ms of a captured step.
+
+    rows[b] = b (the row of token b's cos/sin) or -1 for padding; lengths = positions + 1
+    (attend to positions <= pos; padding, -1, attends to nothing). The memo is keyed on the
+    step's own cos table (a new tensor every forward and every decode_step call), so a graph
+    capture records these kernels once, in layer 0, and no step sees another's."""
+    key = (cos, positions, slots)  # cos is computed afresh by every forward: one step's memo
+    memo = cache.__dict__.get("_decode_indices")
+    if memo is not None and all(a is b for a, b in zip(memo[0], key, strict=True)):
+        return memo[1]
+    pos = positions.reshape(-1).to(torch.int32)  # [B, 1] -> [B]
+    arange = torch.arange(pos.shape[0], device=pos.device, dtype=torch.int32)
+    rows = torch.where(pos >= 0, arange, -1)
+    derived = (rows, pos, slots.to(torch.int32), pos + 1)
+    cache.__dict__["_decode_indices"] = (key, derived)
+    return derived
 
 
 def moe_triton(self: Any, x: torch.Tensor) -> torch.Tensor:
