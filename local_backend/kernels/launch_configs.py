@@ -38,7 +38,12 @@ def device_key(device: torch.device | str) -> str:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return "cpu"
-    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(device)).strip("_")
+    return _cuda_key(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.cache
+def _cuda_key(index: int) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", torch.cuda.get_device_name(index)).strip("_")
 
 
 def use_directory(path: Path | str | None) -> None:
@@ -47,6 +52,7 @@ def use_directory(path: Path | str | None) -> None:
     if path is not None:
         _extra_dirs.append(Path(path))
     _load.cache_clear()
+    _nearest.cache_clear()
 
 
 def config_path(kernel: str, key: str, directory: Path | None = None) -> Path:
@@ -88,8 +94,17 @@ def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
 def lookup(
     kernel: str, device: torch.device | str, shape_key: str, point: tuple[int, ...]
 ) -> dict[str, Any] | None:
-    """The tuned config nearest `point` for this kernel, device and shape, or None."""
-    buckets = _load(kernel, device_key(device)).get(shape_key)
+    """The tuned config nearest `point` for this kernel, device and shape, or None (cached:
+    kernels ask on every eager call)."""
+    found = _nearest(kernel, device_key(device), shape_key, tuple(point))
+    return dict(found) if found is not None else None
+
+
+@functools.lru_cache(maxsize=4096)
+def _nearest(
+    kernel: str, key: str, shape_key: str, point: tuple[int, ...]
+) -> dict[str, Any] | None:
+    buckets = _load(kernel, key).get(shape_key)
     if not buckets:
         return None
     candidates = []
@@ -126,4 +141,5 @@ def write_configs(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(body, indent=1, sort_keys=True) + "\n", encoding="utf-8")
     _load.cache_clear()
+    _nearest.cache_clear()
     return path
