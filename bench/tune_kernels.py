@@ -4,8 +4,9 @@ the fastest correct one per shape bucket as JSON the kernels read (kernels/launc
     python bench/tune_kernels.py                  # CUDA, 8x22B shapes -> kernels/configs/
     python bench/tune_kernels.py --tiny --out D   # CPU interpreter, tiny shapes (a smoke run)
 
-Dense: attention projections wq/wo (6144 x 6144), wk/wv (1024 x 6144) and the output head
-(32000 x 6144), int4 and int8, at M = 1 ... 32 rows (decode) and 64 ... 4096 (prefill); each
+Dense: the fused q/k/v projection (8192 x 6144, decode), wq/wo (6144 x 6144), wk/wv (1024 x
+6144) and the output head (32000 x 6144), int4 and int8, at M = 1 ... 32 rows (decode) and
+64 ... 4096 (prefill), decode rows first (so a spent budget drops prefill buckets); each
 candidate is checked against the torch reference before it may win, and "dequant" (cuBLAS on
 the dequantized matrix) competes at M >= 64. Attention: GQA 48/8, head dim 128, batch 1/8/32 x
 cache length 1k ... 64k, over split counts, key block sizes, warps and stages. `--budget-s`
@@ -34,9 +35,10 @@ from local_backend.kernels import decode_attention as attn  # noqa: E402
 from local_backend.kernels import dense_quant as dq  # noqa: E402
 from local_backend.kernels import launch_configs, reference  # noqa: E402
 from local_backend.kernels.quant import quantize_int4, quantize_int8  # noqa: E402
-from local_backend.kernels.runtime import next_power_of_2  # noqa: E402
+from local_backend.kernels.runtime import cdiv, next_power_of_2, sm_count  # noqa: E402
 
-REAL_DENSE = [(6144, 6144), (1024, 6144), (32000, 6144)]  # (N, K): wq/wo, wk/wv, head
+# (N, K): fused wq|wk|wv (decode), wq / wo, wk / wv (prefill), the output head
+REAL_DENSE = [(8192, 6144), (6144, 6144), (1024, 6144), (32000, 6144)]
 REAL_ROWS = (1, 2, 4, 8, 16, 32, 64, 512, 4096)
 REAL_ATTENTION = (48, 8, 128)  # H, Hkv, D
 REAL_POINTS = [(b, c) for b in (1, 8, 32) for c in (1024, 4096, 16384, 65536)]
@@ -67,7 +69,8 @@ def sweep(
             if error > 2e-2:  # a wrong config never wins, however fast
                 print(f"  reject {config}: relative error {error:.3g}")
                 continue
-            results.append((time_ms(functools.partial(run, config=config)), config))
+            timed = functools.partial(run, config=config)
+            results.append((time_ms(timed, warmup=3, reps=20, budget_ms=200), config))
         except Exception as exc:  # out of shared memory, registers...: not a candidate
             print(f"  skip {config}: {type(exc).__name__}: {str(exc)[:120]}")
     return results
@@ -83,11 +86,14 @@ def dense_candidates(
         block_ms = [min(next_power_of_2(m), 8)] + ([16 if m <= 16 else 32] if m > 1 else [])
         block_ns = (16,) if tiny else (32, 64, 128)
         splits = (1, 2) if tiny else (1, 2, 4, 8, 16)
-        block_ks = (group,) if group else ((32,) if tiny else (128, 256, 512))
-        stages = (3,) if tiny else (2, 4)
-        for bm, bn, bk, sk, st in itertools.product(block_ms, block_ns, block_ks, splits, stages):
+        block_ks = (group,) if group else ((32,) if tiny else (128, 256))
+        programs_cap = 8 * sm_count(device)  # more programs than this only adds reductions
+        for bm, bn, bk, sk in itertools.product(block_ms, block_ns, block_ks, splits):
+            programs = cdiv(weight.out_features, bn) * cdiv(m, bm) * sk
+            if sk > 1 and (programs > programs_cap or sk > cdiv(weight.in_features, bk)):
+                continue
             out.append(dq.DenseConfig(block_m=bm, block_n=bn, block_k=bk, split_k=sk,
-                                      num_warps=4, num_stages=st))  # fmt: skip
+                                      num_warps=4, num_stages=3 if tiny else 4))  # fmt: skip
     else:
         tiles = [(64, 32)] if tiny else [(64, 64), (64, 128), (128, 128), (128, 64)]
         for (bm, bn), warps in itertools.product(tiles, (4,) if tiny else (4, 8)):
@@ -111,42 +117,42 @@ def tune_dense(args: argparse.Namespace, device: torch.device, budget: Budget) -
     dtype = torch.float32 if args.tiny else torch.bfloat16
     tuned: dict[str, dict[str, dict[str, Any]]] = {}
     summary: list[dict[str, Any]] = []
+    weights = {}
     for fmt, (n, k) in itertools.product(args.formats.split(","), shapes):
         w = torch.randn(n, k, device=device) * 0.02
         q = quantize_int4(w, group_size=32 if args.tiny else None) if fmt == "int4" else (
             quantize_int8(w))  # fmt: skip
         weight = dq.DenseQuantWeight.from_quantized(q)
-        dense = weight.dequantize(torch.float32)
+        weights[(fmt, n, k)] = (weight, weight.dequantize(torch.float32))
+    # decode rows first (batch 1 is the headline): a spent budget drops prefill buckets first
+    for m, ((_, n, k), (weight, dense)) in itertools.product(rows, weights.items()):
         key = dq.shape_key(weight)
-        for m in rows:
-            if budget.spent:
-                return {"configs": tuned, "summary": summary, "stopped_early": True}
-            x = torch.randn(m, k, device=device, dtype=dtype)
-            expected = (x.float() @ dense.t()).to(dtype)
-            candidates = dense_candidates(weight, m, device, args.tiny)
-            results = sweep(functools.partial(dq.dense_linear, x, weight), candidates, expected)
-            if not results:
-                continue
-            best_ms, best = min(results, key=lambda r: r[0])
-            heuristic_ms = (
-                results[0][0] if results[0][1] == dq.heuristic(weight, m, device) else None
-            )
-            tuned.setdefault(key, {})[str(m)] = best.as_dict()
-            bytes_read = weight.nbytes + x.nbytes + m * n * x.element_size()
-            summary.append({"kernel": dq.KERNEL, "shape": key, "m": m, "best_ms": best_ms,
-                            "heuristic_ms": heuristic_ms, "config": best.as_dict(),
-                            "gb_per_s": bytes_read / best_ms / 1e6})  # fmt: skip
-            print(f"{key} M={m}: {best_ms:.4f} ms ({bytes_read / best_ms / 1e6:.0f} GB/s) {best}")
+        if budget.spent:
+            return {"configs": tuned, "summary": summary, "stopped_early": True}
+        x = torch.randn(m, k, device=device, dtype=dtype)
+        expected = (x.float() @ dense.t()).to(dtype)
+        candidates = dense_candidates(weight, m, device, args.tiny)
+        results = sweep(functools.partial(dq.dense_linear, x, weight), candidates, expected)
+        if not results:
+            continue
+        best_ms, best = min(results, key=lambda r: r[0])
+        heuristic_ms = results[0][0] if results[0][1] == dq.heuristic(weight, m, device) else None
+        tuned.setdefault(key, {})[str(m)] = best.as_dict()
+        bytes_read = weight.nbytes + x.nbytes + m * n * x.element_size()
+        summary.append({"kernel": dq.KERNEL, "shape": key, "m": m, "best_ms": best_ms,
+                        "heuristic_ms": heuristic_ms, "config": best.as_dict(),
+                        "gb_per_s": bytes_read / best_ms / 1e6})  # fmt: skip
+        print(f"{key} M={m}: {best_ms:.4f} ms ({bytes_read / best_ms / 1e6:.0f} GB/s) {best}")
     return {"configs": tuned, "summary": summary, "stopped_early": False}
 
 
 def attention_candidates(batch: int, n_kv: int, length: int, device: torch.device, tiny: bool):
     base = attn.heuristic_config(batch, n_kv, length, device)
     out = [base]
-    splits = (1, 2) if tiny else (4, 8, 16, 32, 64, 128)
-    blocks = (16,) if tiny else (32, 64, 128)
+    splits = (1, 2) if tiny else (8, 16, 32, 64, 128)
+    blocks = (16,) if tiny else (64, 128)
     warps = (4,) if tiny else (4, 8)
-    stages = (3,) if tiny else (2, 3, 4)
+    stages = (3,) if tiny else (2, 3)
     for s, bn, w, st in itertools.product(splits, blocks, warps, stages):
         if s * bn > max(length, bn):  # more splits than key blocks: idle programs only
             continue

@@ -222,12 +222,14 @@ if HAS_TRITON:
     @triton.jit
     def _dense_quant_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, part_ptr, count_ptr,
-        M, N, K, k_per_split,
+        M, N, K, k_per_split, split_k,
         stride_xm, stride_wn, stride_sg, stride_ym, stride_ps,
         WEIGHT_FORMAT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr, DOT_FP32: tl.constexpr,
+        BLOCK_K: tl.constexpr, SPLIT: tl.constexpr, DOT_FP32: tl.constexpr,
     ):  # fmt: skip
-        """y[M, N] = x[M, K] @ dequant(W)^T. Grid: (N blocks, SPLIT_K, M blocks).
+        """y[M, N] = x[M, K] @ dequant(W)^T. Grid: (N blocks, split_k, M blocks); the split
+        count is a runtime value (one compile serves every split count, which keeps the
+        tuner's sweep short), SPLIT says whether there is more than one.
 
         int4: BLOCK_K is the group: one step reads BLOCK_K/2 bytes per row, unpacks the low
         nibbles (the group's first half) and high nibbles (second half), and scales the step's
@@ -297,7 +299,7 @@ if HAS_TRITON:
             acc = acc * channel.to(tl.float32)[None, :]
         out_mask = row_mask[:, None] & col_mask[None, :]
         y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
-        if SPLIT_K == 1:
+        if not SPLIT:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:
             tile_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
@@ -305,9 +307,9 @@ if HAS_TRITON:
             tl.debug_barrier()  # every thread's partial is written before the release below
             tile = pid_m * tl.num_programs(0) + pid_n
             arrived = tl.atomic_add(count_ptr + tile, 1, sem="acq_rel")
-            if arrived == SPLIT_K - 1:  # the last split of this tile: reduce in split order
+            if arrived == split_k - 1:  # the last split of this tile: reduce in split order
                 total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in range(SPLIT_K):
+                for s in range(split_k):
                     total += tl.load(part_ptr + s * stride_ps + tile_offs, mask=out_mask,
                                      other=0.0, cache_modifier=".cg")  # fmt: skip
                 tl.store(y_ptrs, total.to(y_ptr.dtype.element_ty), mask=out_mask)
@@ -395,11 +397,11 @@ def dense_linear(
         partials = counters = y  # unused
     _dense_quant_kernel[grid](
         x2, weight.codes, weight.scales, y, partials, counters,
-        m, n, k, k_per_split,
+        m, n, k, k_per_split, split,
         x2.stride(0), weight.codes.stride(0), weight.scales.stride(0), y.stride(0),
         m * n,
         WEIGHT_FORMAT=weight.code, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_K=config.block_k, SPLIT_K=split,
+        BLOCK_K=config.block_k, SPLIT=split > 1,
         DOT_FP32=interpreting() or x.dtype == torch.float32,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
