@@ -43,7 +43,7 @@ REAL_ROWS = (1, 2, 4, 8, 16, 32, 64, 512, 4096)
 REAL_ATTENTION = (48, 8, 128)  # H, Hkv, D
 REAL_POINTS = [(b, c) for b in (1, 8, 32) for c in (1024, 4096, 16384, 65536)]
 TINY_DENSE = [(48, 64)]
-TINY_ROWS = (1, 4, 32, 64)
+TINY_ROWS = (1, 32, 64)
 TINY_ATTENTION = (6, 2, 32)
 TINY_POINTS = [(1, 128), (2, 256)]
 
