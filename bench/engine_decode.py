@@ -265,7 +265,7 @@ def render(args: argparse.Namespace, dev: Device, summary: dict, host: dict[int,
                      f"{pct(r['share_of_peak'])} |")  # fmt: skip
     lines += ["", "Host work per step alone (engine_host.py, a stub model: sampling, "
               "detokenizing, hand-off): " + ", ".join(
-                  f"batch {b}: {wall:.0f} us wall / {cpu:.0f} us CPU"
+                  f"batch {b}: {wall:.0f} us period / {cpu:.0f} us engine-thread CPU"
                   for b, (wall, cpu) in host.items()), END]  # fmt: skip
     return "\n".join(lines)
 
@@ -304,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {dev.label()}")
     results = [run_format(args, fmt, device) for fmt in args.formats.split(",")]
     summary = summarize(args, results, dev)
-    host = {b: host_us_per_step(b, steps=16 if tiny else 64, repeats=2 if tiny else 5)
+    host = {b: host_us_per_step(b, steps=16 if tiny else 64, repeats=1 if tiny else 3)
             for b in ((1,) if tiny else (1, 8, 32))}  # fmt: skip
     section = render(args, dev, summary, host)
     if args.json:

@@ -5,7 +5,7 @@ The model is replaced by `LogitsStub`, whose forward indexes a table of precompu
 (microseconds), so an engine step is host work alone; the consumer runs on an asyncio loop
 in the main thread as the server's does (its work competes for the GIL like in production).
 
-    host_us_per_step(batch, steps=64) -> microseconds per engine step (median of repeats)
+    host_us_per_step(batch) -> (period, engine-thread CPU) microseconds per decode step
 
 bench/engine_decode.py prints it beside the GPU step time; on a GPU the same work hides
 nothing, it adds to every step (the sampled token must reach the host before the next step).
@@ -14,6 +14,8 @@ nothing, it adds to every step (the sampled token must reach the host before the
 from __future__ import annotations
 
 import asyncio
+import itertools
+import statistics
 import time
 from typing import Any
 
@@ -63,8 +65,36 @@ def stub_config() -> ModelConfig:
                        vocab_size=32000, max_seq_len=4096, name="stub")  # fmt: skip
 
 
-async def _run(engine: Engine, batch: int, steps: int, prompt: list[int]) -> tuple[float, float]:
-    """(wall, process CPU) seconds for `batch` requests of `steps` tokens, submit to done."""
+class StepClock:
+    """Times each engine step from inside the engine thread: the thread's CPU time for the
+    step (scheduler.step + dispatch to the consumers) and the period between step starts.
+    Thread CPU time leaves out waiting for a core, which a shared machine is full of."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.cpu: list[float] = []
+        self.starts: list[float] = []
+        step, dispatch = engine._scheduler.step, engine._dispatch
+        pending: list[float] = []
+
+        def timed_step() -> Any:
+            self.starts.append(time.perf_counter())
+            pending.append(time.thread_time())
+            return step()
+
+        def timed_dispatch(outputs: Any) -> None:
+            dispatch(outputs)
+            if pending:
+                self.cpu.append(time.thread_time() - pending.pop())
+
+        engine._scheduler.step = timed_step  # type: ignore[method-assign]
+        engine._dispatch = timed_dispatch  # type: ignore[method-assign]
+
+    def reset(self) -> None:
+        self.cpu.clear()
+        self.starts.clear()
+
+
+async def _run(engine: Engine, batch: int, steps: int, prompt: list[int]) -> None:
     params = SamplingParams(temperature=0.0)
 
     async def consume(request: GenerationRequest) -> None:
@@ -73,36 +103,33 @@ async def _run(engine: Engine, batch: int, steps: int, prompt: list[int]) -> tup
                 pass
 
     requests = [GenerationRequest(prompt, steps, params, ignore_eos=True) for _ in range(batch)]
-    wall, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(consume(r) for r in requests))
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def host_us_per_step(
-    batch: int, steps: int = 64, repeats: int = 5, tokenizer: Tokenizer | None = None
+    batch: int, steps: int = 64, repeats: int = 3, tokenizer: Tokenizer | None = None
 ) -> tuple[float, float]:
-    """(wall, CPU) microseconds of host work per decode step at `batch`: the difference of a
-    run of 8 + `steps` tokens and one of 8, over `steps` (prefill and the first and last
-    deltas cancel out), the best of `repeats` pairs. CPU time counts the engine thread and
-    the consumers alike, and is what a loaded machine distorts least."""
+    """(period, CPU) microseconds per decode step at `batch`: the median over the decode
+    steps of `repeats` runs (the prefill step and the last one are left out) of the time
+    between step starts in the engine thread, and of that thread's CPU time per step."""
     config = stub_config()
     tokenizer = tokenizer or Tokenizer.from_mistral_common("v1")
     engine = Engine(LogitsStub(config), tokenizer, config, max_slots=batch,
                     max_seq_len=steps + 64, queue_size=batch).start()  # fmt: skip
+    clock = StepClock(engine)
     prompt = list(range(100, 132))
-    samples = []
+    periods: list[float] = []
+    cpu: list[float] = []
     try:
         asyncio.run(_run(engine, batch, 4, prompt))  # warm-up
         for _ in range(repeats):
-            short = asyncio.run(_run(engine, batch, 8, prompt))
-            long = asyncio.run(_run(engine, batch, 8 + steps, prompt))
-            samples.append(((long[0] - short[0]) / steps, (long[1] - short[1]) / steps))
+            clock.reset()
+            asyncio.run(_run(engine, batch, steps, prompt))
+            periods += [b - a for a, b in itertools.pairwise(clock.starts[1:-1])]
+            cpu += clock.cpu[1:-1]
     finally:
         engine.stop()
-    # the least of the repeats: on a shared machine noise only ever adds time
-    wall = min(s[0] for s in samples)
-    cpu = min(s[1] for s in samples)
-    return wall * 1e6, cpu * 1e6
+    return statistics.median(periods) * 1e6, statistics.median(cpu) * 1e6
 
 
 def main() -> None:
@@ -110,7 +137,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_mistral_common("v1")
     for batch in (1, 8, 32):
         wall, cpu = host_us_per_step(batch, tokenizer=tokenizer)
-        print(f"batch {batch}: {wall:.0f} us wall, {cpu:.0f} us CPU per step")
+        print(f"batch {batch}: step period {wall:.0f} us, engine thread CPU {cpu:.0f} us")
 
 
 if __name__ == "__main__":
