@@ -4,15 +4,9 @@
     y = dense_linear(x, w)                                        # x [..., K] -> y [..., N]
     reference_linear(x, w)                                        # the same in plain torch
 
-Layout (what the kernels read; `repack_int4` makes it from quant.py's, `restore_int4` undoes):
-- int8: codes int8 [N, K] (row n = output channel n, contiguous in K), scales fp16 [N].
-- int4: codes uint8 [N, K // 2], N-major; within each quantization group of g inputs the
-  byte j holds input j in its low nibble and input j + g/2 in its high nibble (+8 offset), so
-  one load of a row's g/2 bytes unpacks with a mask and a shift into two contiguous halves of
-  the group, each byte read once, and the activations are read as two contiguous runs.
-  Scales fp16 [K // g, N]: the scales of one group for a block of rows are one contiguous run.
-  (quant.py's layout interleaves even/odd inputs; reading it a K tile at a time loads each
-  byte twice, which is what this layout removes.)
+The weights are repacked once, at load, into dense_layout.py's layout: N-major rows, each
+int4 group's bytes holding its first half in the low nibbles and its second half in the high
+ones (unpacked by a mask and a shift, each byte read once), scales beside as [groups, N].
 
 Two forms of one kernel, chosen by the launch config (launch_configs.py, else `heuristic`):
 - decode, M <= 32 rows: a GEMV over N blocks and K splits (split-K so every SM streams
@@ -28,14 +22,21 @@ Two forms of one kernel, chosen by the launch config (launch_configs.py, else `h
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from . import launch_configs
-from .quant import FMT_INT4, FMT_INT8, QuantizedWeight, unpack_int4
+from .dense_layout import (
+    DenseQuantWeight,
+    reference_linear,
+    repack_int4,
+    restore_int4,
+    unpack_int4_repacked,
+)
 from .runtime import (
     HAS_TRITON,
     cdiv,
@@ -47,93 +48,19 @@ from .runtime import (
     triton,
 )
 
+__all__ = [
+    "DenseConfig",
+    "DenseQuantWeight",
+    "dense_linear",
+    "reference_linear",
+    "repack_int4",
+    "restore_int4",
+    "unpack_int4_repacked",
+]
+
 KERNEL = "dense_quant"  # the configs/ folder of this kernel
-
-
-# -- layout ---------------------------------------------------------------------------------
-
-
-def repack_int4(
-    qweight: torch.Tensor, scales: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """quant.py's int4 ([..., N, K/2] even/odd nibbles, scales [..., N, G]) -> this module's
-    ([..., N, K/2] half-split per group, scales [..., G, N]); see the module docstring."""
-    codes = (unpack_int4(qweight) + 8).to(torch.uint8)  # [..., N, K] in [0, 15]
-    in_features = codes.shape[-1]
-    if group_size % 2 or in_features % group_size:
-        raise ValueError(f"group size {group_size} must be even and divide {in_features}")
-    groups = codes.unflatten(-1, (in_features // group_size, group_size))  # [..., N, G, g]
-    half = group_size // 2
-    packed = groups[..., :half] | (groups[..., half:] << 4)  # [..., N, G, g/2]
-    return packed.flatten(-2).contiguous(), scales.transpose(-1, -2).contiguous()
-
-
-def unpack_int4_repacked(codes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Repacked uint8 [..., N, K/2] -> int8 codes in [-8, 7], [..., N, K]."""
-    groups = codes.unflatten(-1, (codes.shape[-1] * 2 // group_size, group_size // 2))
-    low = (groups & 0xF).to(torch.int8) - 8
-    high = (groups >> 4).to(torch.int8) - 8
-    return torch.cat((low, high), dim=-1).flatten(-2)  # [..., N, G, g] -> [..., N, K]
-
-
-def restore_int4(
-    codes: torch.Tensor, scales_t: torch.Tensor, group_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The inverse of repack_int4: back to quant.py's (qweight, scales)."""
-    values = (unpack_int4_repacked(codes, group_size) + 8).to(torch.uint8)  # [..., N, K]
-    packed = values[..., 0::2] | (values[..., 1::2] << 4)
-    return packed.contiguous(), scales_t.transpose(-1, -2).contiguous()
-
-
-@dataclass
-class DenseQuantWeight:
-    """A [N, K] weight in this module's layout (see the module docstring)."""
-
-    format: Literal["int8", "int4"]
-    codes: torch.Tensor
-    scales: torch.Tensor
-    group_size: int
-    in_features: int
-
-    @property
-    def out_features(self) -> int:
-        return int(self.codes.shape[-2])
-
-    @property
-    def code(self) -> int:
-        return FMT_INT8 if self.format == "int8" else FMT_INT4
-
-    @property
-    def nbytes(self) -> int:
-        return self.codes.nbytes + self.scales.nbytes
-
-    @classmethod
-    def from_quantized(cls, weight: QuantizedWeight) -> DenseQuantWeight:
-        if weight.format == "int8":
-            codes, scales = weight.qweight.contiguous(), weight.scales.contiguous()
-        else:
-            codes, scales = repack_int4(weight.qweight, weight.scales, weight.group_size)
-        return cls(weight.format, codes, scales, weight.group_size, weight.in_features)
-
-    def to_quantized(self) -> QuantizedWeight:
-        if self.format == "int8":
-            return QuantizedWeight(
-                "int8", self.codes, self.scales, self.group_size, self.in_features
-            )
-        qweight, scales = restore_int4(self.codes, self.scales, self.group_size)
-        return QuantizedWeight("int4", qweight, scales, self.group_size, self.in_features)
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.format == "int8":
-            return (self.codes.float() * self.scales.float()[..., None]).to(dtype)
-        values = unpack_int4_repacked(self.codes, self.group_size).float()  # [N, K]
-        per_element = self.scales.float().transpose(-1, -2).repeat_interleave(self.group_size, -1)
-        return (values * per_element).to(dtype)
-
-
-def reference_linear(x: torch.Tensor, weight: DenseQuantWeight) -> torch.Tensor:
-    """x [..., K] @ dequant(W)^T in fp32, in x's dtype: what dense_linear computes."""
-    return (x.float() @ weight.dequantize(torch.float32).t()).to(x.dtype)
+log = logging.getLogger(__name__)
+_UNLAUNCHABLE: set[DenseConfig] = set()  # configs that raised OutOfResources here
 
 
 # -- launch configs -----------------------------------------------------------------------
@@ -218,6 +145,7 @@ def check_config(weight: DenseQuantWeight, config: DenseConfig) -> None:
 # -- kernels --------------------------------------------------------------------------------
 
 if HAS_TRITON:
+    from triton.runtime.errors import OutOfResources
 
     @triton.jit
     def _dense_quant_kernel(
@@ -372,17 +300,32 @@ def dense_linear(
 ) -> torch.Tensor:
     """x [..., K] @ dequant(W)^T, W kept int8 / int4 in memory; y in x's dtype."""
     check_device(x, weight.codes)
-    n, k = weight.out_features, weight.in_features
+    k = weight.in_features
     if x.shape[-1] != k:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {k}")
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m = x2.shape[0]
+    explicit = config is not None  # the tuner's: an error must reach it, no fallback
     config = config or choose_config(weight, m, x.device)
     check_config(weight, config)
-    if config.mode == "dequant":
+    if config.mode == "dequant" or config in _UNLAUNCHABLE:
         return F.linear(x, dequantize_triton(weight, x.dtype))
+    try:
+        return _launch(x, x2, weight, config)
+    except Exception as exc:  # a config this GPU cannot hold (shared memory, registers)
+        if explicit or not (HAS_TRITON and isinstance(exc, OutOfResources)):
+            raise
+        log.warning("dense_quant config %s does not fit this GPU (%s): cuBLAS instead", config, exc)
+        _UNLAUNCHABLE.add(config)
+        return F.linear(x, dequantize_triton(weight, x.dtype))
+
+
+def _launch(
+    x: torch.Tensor, x2: torch.Tensor, weight: DenseQuantWeight, config: DenseConfig
+) -> torch.Tensor:
+    m, n, k = x2.shape[0], weight.out_features, weight.in_features
     y = torch.empty(m, n, device=x.device, dtype=x.dtype)
     if m == 0:
         return y.reshape(*x.shape[:-1], n)
