@@ -10,8 +10,9 @@ What "triton" installs (each kernel beside its torch reference in reference.py):
     RMSNorm            rmsnorm.rms_norm
     TransformerBlock   the residual add fused into ffn_norm (rmsnorm.add_rms_norm)
     Attention          at decode: one fused q/k/v GEMV (wq, wk, wv become views of one
-                       weight: forwards.fuse_qkv), rotary in place (rotary.py), cache write and
-                       flash-decoding (decode_attention.py); prefill keeps the model's forward
+                       weight: forwards.fuse_qkv), rotary and cache write in one launch
+                       (rotary.rotary_write_kv_), flash-decoding (decode_attention.py); prefill
+                       keeps the model's forward
     MoE                fused_moe.fused_moe: top-2 routing, grouped GEMMs over experts, bf16 or
                        int8/int4 experts dequantized inside the GEMM (quant.py)
     QuantizedLinear    dense_quant.dense_linear: the int8/int4 attention projections (and output

@@ -20,13 +20,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .decode_attention import decode_attention, write_kv_
+from .decode_attention import decode_attention
 from .dense_quant import DenseQuantWeight, dense_linear
 from .fused_moe import fused_moe
 from .quant import QuantizedWeight
 from .reference import ExpertWeight
 from .rmsnorm import add_rms_norm, rms_norm
-from .rotary import apply_rotary_
+from .rotary import rotary_write_kv_
 
 Backend = Literal["triton", "torch"]
 EXPERT_MATRICES = ("w1", "w3", "w2")
@@ -239,11 +239,12 @@ def attention_triton(
         return type(self).forward(self, x, cos, sin, mask, positions, cache, slots)
     H, Dh = self.n_heads, self.head_dim
     q, k, v = qkv_projection(self, x)  # [B, H, Dh], [B, K, Dh], [B, K, Dh]
-    rows, pos, slots32, lengths = decode_indices(cache, cos, positions, slots)
-    # The model hands cos/sin per token ([B, 1, Dh]); row b of that table is token b's angles.
-    apply_rotary_(q, k, rows, cos.reshape(B, Dh), sin.reshape(B, Dh))
+    pos, slots32, lengths = decode_indices(cache, cos, positions, slots)
     layer = self.layer_id
-    write_kv_(cache.k[layer], cache.v[layer], k, v, slots32, pos)
+    # The model hands cos/sin per token ([B, 1, Dh]); row b of that table is token b's angles.
+    # One launch rotates q in place and writes the rotated k and v into the cache.
+    rotary_write_kv_(q, k, v, pos, slots32, cos.reshape(B, Dh), sin.reshape(B, Dh),
+                     cache.k[layer], cache.v[layer])  # fmt: skip
     out = decode_attention(q, cache.k[layer], cache.v[layer], slots32, lengths)  # [B, H, Dh]
     return self.wo(out.view(B, 1, H * Dh))  # [B, H, Dh] -> [B, 1, H*Dh]
 
@@ -251,22 +252,20 @@ def attention_triton(
 def decode_indices(
     cache: Any, cos: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor
 ) -> tuple[Any, ...]:
-    """(rotary rows, positions, slots, lengths) of a decode step, int32 [B] each, computed
-    by the first layer and reused by the other 55: every layer gets the same positions and
-    slots tensors, and seven tiny kernels x 56 layers are ~0.5-1 ms of a captured step.
+    """(positions, slots, lengths) of a decode step, int32 [B] each, computed by the first
+    layer and reused by the other 55: every layer gets the same positions and slots tensors,
+    and a few tiny kernels x 56 layers add up to a real share of a captured step.
 
-    rows[b] = b (the row of token b's cos/sin) or -1 for padding; lengths = positions + 1
-    (attend to positions <= pos; padding, -1, attends to nothing). The memo is keyed on the
-    step's own cos table (a new tensor every forward and every decode_step call), so a graph
-    capture records these kernels once, in layer 0, and no step sees another's."""
-    key = (cos, positions, slots)  # cos is computed afresh by every forward: one step's memo
+    lengths = positions + 1 (attend to positions <= pos; padding, -1, attends to nothing).
+    The memo is keyed on the step's own cos table (a new tensor every forward and every
+    decode_step call), so a graph capture records these kernels once, in layer 0, and no step
+    sees another's."""
+    key = (cos, positions, slots)
     memo = cache.__dict__.get("_decode_indices")
     if memo is not None and all(a is b for a, b in zip(memo[0], key, strict=True)):
         return memo[1]
     pos = positions.reshape(-1).to(torch.int32)  # [B, 1] -> [B]
-    arange = torch.arange(pos.shape[0], device=pos.device, dtype=torch.int32)
-    rows = torch.where(pos >= 0, arange, -1)
-    derived = (rows, pos, slots.to(torch.int32), pos + 1)
+    derived = (pos, slots.to(torch.int32), pos + 1)
     cache.__dict__["_decode_indices"] = (key, derived)
     return derived
 
