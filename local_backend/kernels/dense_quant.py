@@ -44,6 +44,7 @@ from .runtime import (
     interpreting,
     next_power_of_2,
     sm_count,
+    tile_counters,
     tl,
     triton,
 )
@@ -265,19 +266,9 @@ if HAS_TRITON:
         tl.store(base + GROUP // 2 + half[None, :], high.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-_MIN_COUNTERS = 1 << 16
-
-
-def split_counters(device: torch.device, tiles: int = _MIN_COUNTERS) -> torch.Tensor:
-    """Zeroed int32 tile counters for the split-K reduction, shared by every launch on the
-    device (launches on one stream never overlap, and each leaves its counters at 0). Old
-    buffers are kept alive: a captured CUDA graph may still point at them."""
-    buffers = _COUNTERS.setdefault(device, [])
-    if not buffers or buffers[-1].numel() < tiles:
-        size = max(_MIN_COUNTERS, next_power_of_2(tiles))
-        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
-    return buffers[-1]
+def split_counters(device: torch.device, tiles: int = 1 << 16) -> torch.Tensor:
+    """The shared tile counters of the split-K reduction (runtime.tile_counters)."""
+    return tile_counters(device, tiles)
 
 
 def dequantize_triton(weight: DenseQuantWeight, dtype: torch.dtype) -> torch.Tensor:

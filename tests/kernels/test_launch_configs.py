@@ -16,6 +16,7 @@ from local_backend.kernels import decode_attention as attn
 from local_backend.kernels import dense_quant as dq
 from local_backend.kernels import launch_configs, reference
 from local_backend.kernels.quant import quantize_int8
+from local_backend.kernels.runtime import tile_counters
 
 from .helpers import FP32, assert_near, requires_triton
 
@@ -75,6 +76,9 @@ def test_attention_splits_the_actual_length(block_n: int) -> None:
     config = attn.AttentionConfig(num_splits=7, block_n=block_n)
     out = attn.decode_attention(q, k_cache, v_cache, slots, lengths, config=config)
     assert_near(out, reference.decode_attention(q, k_cache, v_cache, slots, lengths), FP32)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))  # length 0: every split empty
+    # the last split of each (sequence, KV head) merged and reset its counter (graph replays)
+    assert not tile_counters(torch.device("cpu")).any()
 
 
 @requires_triton
