@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import copy
 import dataclasses
+import gc
 import itertools
 import json
 import statistics
@@ -198,8 +199,6 @@ def run_format(args: argparse.Namespace, fmt: str, device: torch.device) -> dict
         finally:
             engine.stop()
     del model
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return {"format": fmt, "decode_ms": decode, "device_ms": device_ms, "ttft_ms": ttft}
 
 
@@ -257,6 +256,13 @@ def render(args: argparse.Namespace, dev: Device, summary: dict, host: dict[int,
         lines.append(f"| {r['format']} | {r['batch']} | {points} | {r['fixed_ms']:.3f} | "
                      f"{r['per_layer_ms']:.3f} | {r['tokens_per_s']:.1f} | {bound} | "
                      f"{pct(r['share_of_bound'])} | {pct(r['host_share'])} |")  # fmt: skip
+    ratios = []
+    for fmt in dict.fromkeys(r["format"] for r in summary["decode"]):
+        by_batch = {r["batch"]: r["tokens_per_s"] for r in summary["decode"] if r["format"] == fmt}
+        if 1 in by_batch and 16 in by_batch:
+            ratios.append(f"{fmt} {by_batch[16] / by_batch[1]:.1f}x")
+    if ratios:
+        lines += ["", "Aggregate tok/s at batch 16 over batch 1: " + ", ".join(ratios) + "."]
     lines += ["", "| format | prompt tokens | TTFT ms at 56 (batch 1) | prefill tok/s | TFLOP/s "
               "| share of bf16 peak |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for r in summary["prefill"]:
@@ -302,19 +308,25 @@ def main(argv: list[str] | None = None) -> int:
         detect_device() if device.type == "cuda" else Device("CPU (tiny shapes)", None, None, None)
     )
     print(f"device: {dev.label()}")
-    results = [run_format(args, fmt, device) for fmt in args.formats.split(",")]
-    summary = summarize(args, results, dev)
     host = {b: host_us_per_step(b, steps=16 if tiny else 64, repeats=1 if tiny else 3)
             for b in ((1,) if tiny else (1, 8, 32))}  # fmt: skip
-    section = render(args, dev, summary, host)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        body = {"device": dev.name, "args": vars(args), "raw": results, **summary,
-                "host_us_per_step": host}  # fmt: skip
-        args.json.write_text(json.dumps(body, indent=1, default=str) + "\n")
-    # a tiny run proves the pipeline; its figures (CPU noise) must not replace a GPU table
-    if not args.no_write and (args.write or not tiny):
-        write_section(section, START, END)
+    results: list[dict[str, Any]] = []
+    section = ""
+    for fmt in args.formats.split(","):  # results are written after each format: a run cut
+        results.append(run_format(args, fmt, device))  # short by a timeout keeps the rest
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        summary = summarize(args, results, dev)
+        section = render(args, dev, summary, host)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            body = {"device": dev.name, "args": vars(args), "raw": results, **summary,
+                    "host_us_per_step": host}  # fmt: skip
+            args.json.write_text(json.dumps(body, indent=1, default=str) + "\n")
+        # a tiny run proves the pipeline; its figures (CPU noise) must not replace a GPU table
+        if not args.no_write and (args.write or not tiny):
+            write_section(section, START, END)
     print(section)
     return 0
 
