@@ -48,8 +48,12 @@ def generate(model: Transformer, tokenizer: Tokenizer, steps: int) -> list[Gener
 
 @pytest.mark.gpu
 @requires_triton
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("fmt", ["bf16", "int8", "int4"])
+# fp32 activations hold the kernels to a tight tie tolerance, bf16 is what production runs
+@pytest.mark.parametrize(
+    ("fmt", "dtype"),
+    [("bf16", torch.float32), ("int8", torch.bfloat16), ("int4", torch.float32),
+     ("int4", torch.bfloat16)],
+)  # fmt: skip
 def test_engine_greedy_tokens_triton_equal_torch_gpu(fmt: str, dtype: torch.dtype) -> None:
     config = dataclasses.replace(ModelConfig.from_name("small"), n_layers=3)
     torch.manual_seed(0)
