@@ -138,6 +138,7 @@ def tune_dense(args: argparse.Namespace, device: torch.device, budget: Budget) -
         best_ms, best = min(results, key=lambda r: r[0])
         heuristic_ms = results[0][0] if results[0][1] == dq.heuristic(weight, m, device) else None
         tuned.setdefault(key, {})[str(m)] = best.as_dict()
+        args.save(dq.KERNEL, {key: {str(m): best.as_dict()}})  # kept if a timeout kills us
         bytes_read = weight.nbytes + x.nbytes + m * n * x.element_size()
         summary.append({"kernel": dq.KERNEL, "shape": key, "m": m, "best_ms": best_ms,
                         "heuristic_ms": heuristic_ms, "config": best.as_dict(),
@@ -184,7 +185,9 @@ def tune_attention(args: argparse.Namespace, device: torch.device, budget: Budge
             continue
         best_ms, best = min(results, key=lambda r: r[0])
         kv_bytes = 2 * k_cache.nbytes
-        tuned.setdefault(key, {})[launch_configs.bucket_name(batch, length)] = best.as_dict()
+        bucket = launch_configs.bucket_name(batch, length)
+        tuned.setdefault(key, {})[bucket] = best.as_dict()
+        args.save(attn.KERNEL, {key: {bucket: best.as_dict()}})  # kept if a timeout kills us
         rate = kv_bytes / best_ms / 1e6
         summary.append({"kernel": attn.KERNEL, "shape": key, "batch": batch, "length": length,
                         "best_ms": best_ms, "heuristic_ms": results[0][0],
@@ -219,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
     for wanted in args.kernels.split(","):
         kernel, run_sweep = sweeps[wanted]
         torch.manual_seed(0)
+
+        def save(kernel: str, configs: dict, name: str = name, key: str = key) -> None:
+            launch_configs.write_configs(kernel, name, key, configs, out_dir)
+
+        args.save = save
         result = run_sweep(args, device, Budget(args.budget_s))
         path = launch_configs.write_configs(kernel, name, key, result["configs"], out_dir)
         print(
