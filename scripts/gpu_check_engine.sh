@@ -8,6 +8,7 @@
 #
 # Steps (a failing step is logged and the next one still runs; the exit status is the number
 # of failed steps):
+#   0. scripts/compile_check_sm90.py: the kernels compiled for sm_90 (also in --tiny)
 #   1. gpu tests: whole-engine greedy tokens triton == torch, dense kernels and GQA 48/8
 #      attention at real shapes, CUDA-graph replays of the decode runner
 #   2. tune the dense GEMV/GEMM and decode attention configs -> local_backend/kernels/configs/
@@ -37,6 +38,9 @@ step() {  # step NAME SECONDS COMMAND...: run under timeout, log to $OUT/NAME.lo
   echo "   $name: exit $rc after $((SECONDS - start))s" | tee -a "$SUMMARY"
   tail -n 3 "$OUT/$name.log" | sed 's/^/   | /' | tee -a "$SUMMARY"
 }
+
+# the kernels compiled for sm_90 by triton's own ptxas (no GPU needed): compile errors first
+step compile_sm90 240 env -u TRITON_INTERPRET "$PYTHON" scripts/compile_check_sm90.py
 
 if [[ $TINY -eq 1 ]]; then
   export TRITON_INTERPRET=1
