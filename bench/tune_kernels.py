@@ -92,13 +92,17 @@ def dense_candidates(
             programs = cdiv(weight.out_features, bn) * cdiv(m, bm) * sk
             if sk > 1 and (programs > programs_cap or sk > cdiv(weight.in_features, bk)):
                 continue
+            tile_bytes = bn * (bk // 2 if group else bk)
+            if tile_bytes > 16384:  # spills registers at any warp count (sm_90 builds)
+                continue
+            warps = 8 if bm == 32 or tile_bytes > 8192 else 4
             out.append(dq.DenseConfig(block_m=bm, block_n=bn, block_k=bk, split_k=sk,
-                                      num_warps=4, num_stages=3 if tiny else 4))  # fmt: skip
+                                      num_warps=warps, num_stages=3 if tiny else 4))  # fmt: skip
     else:
-        tiles = [(64, 32)] if tiny else [(64, 64), (64, 128), (128, 128), (128, 64)]
-        for (bm, bn), warps in itertools.product(tiles, (4,) if tiny else (4, 8)):
+        tiles = [(64, 32)] if tiny else [(64, 64), (64, 128), (128, 64)]
+        for bm, bn in tiles:
             out.append(dq.DenseConfig(block_m=bm, block_n=bn, block_k=group or 64,
-                                      num_warps=warps, num_stages=3))  # fmt: skip
+                                      num_warps=4 if tiny else 8, num_stages=3))  # fmt: skip
         out.append(dq.DenseConfig(mode="dequant"))
     valid = []
     for config in out:
@@ -152,7 +156,7 @@ def attention_candidates(batch: int, n_kv: int, length: int, device: torch.devic
     out = [base]
     splits = (1, 2) if tiny else (8, 16, 32, 64, 128)
     blocks = (16,) if tiny else (64, 128)
-    warps = (4,) if tiny else (4, 8)
+    warps = (4,) if tiny else (8,)  # 4 warps spill registers at 64+ keys (sm_90 builds)
     stages = (3,) if tiny else (2, 3)
     for s, bn, w, st in itertools.product(splits, blocks, warps, stages):
         if s * bn > max(length, bn):  # more splits than key blocks: idle programs only

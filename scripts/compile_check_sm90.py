@@ -14,10 +14,15 @@ process, without TRITON_INTERPRET.
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
+import torch
 import triton  # must precede local_backend (see above)
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -26,6 +31,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from local_backend.kernels import decode_attention, dense_quant, rotary
 
 TARGET = GPUTarget("cuda", 90, 32)
+CUOBJDUMP = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+
+
+def resource_usage(cubin: bytes) -> dict[str, int]:
+    """Registers and spill bytes (STACK) of a cubin, read by the cuobjdump triton ships."""
+    if not CUOBJDUMP.exists() and not shutil.which("cuobjdump"):
+        return {}
+    tool = str(CUOBJDUMP) if CUOBJDUMP.exists() else "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        if "REG:" in line:
+            fields = dict(item.split(":", 1) for item in line.split() if ":" in item)
+            return {"regs": int(fields.get("REG", 0)), "spill": int(fields.get("STACK", 0))}
+    return {}
 
 
 def ints(*names: str) -> dict[str, str]:
@@ -39,7 +61,9 @@ def compile_one(
     label: str,
     warps: int = 4,
     stages: int = 3,
+    spills_fail: bool = True,
 ) -> bool:
+    """Compile for sm_90; False on an error, or on spilled registers where `spills_fail`."""
     full = {**signature, **dict.fromkeys(constexprs, "constexpr")}
     try:
         source = ASTSource(fn=fn, signature=full, constexprs=constexprs)
@@ -49,8 +73,11 @@ def compile_one(
     except Exception as exc:
         print(f"FAIL {label}: {type(exc).__name__}: {str(exc)[:2000]}")
         return False
-    print(f"ok   {label}: shared memory {kernel.metadata.shared} B")
-    return True
+    usage = resource_usage(kernel.asm["cubin"])
+    spilled = usage.get("spill", 0) > 0
+    verdict = "FAIL" if spilled and spills_fail else "ok  "
+    print(f"{verdict} {label}: shared memory {kernel.metadata.shared} B, {usage}")
+    return not (spilled and spills_fail)
 
 
 def main() -> int:
@@ -78,36 +105,31 @@ def main() -> int:
             "stride_ps",
         ),
     }
-    tiles = [
-        (1, 64, True, 4, 4),
-        (4, 64, True, 4, 4),
-        (16, 64, True, 4, 4),
-        (32, 128, False, 4, 4),
-        (64, 64, False, 4, 3),
-        (128, 128, False, 8, 3),
-    ]
-    for fmt, codes in ((2, "*u8"), (1, "*i8")):
-        for bm, bn, split, warps, stages in tiles:
-            bk = 128 if fmt == 2 else (256 if bm <= 32 else 64)
-            consts = {
-                "WEIGHT_FORMAT": fmt,
-                "BLOCK_M": bm,
-                "BLOCK_N": bn,
-                "BLOCK_K": bk,
-                "SPLIT": split,
-                "DOT_FP32": False,
-            }
-            label = f"dense fmt {fmt} {bm}x{bn}x{bk} split {split} warps {warps}"
-            results.append(
-                compile_one(
-                    dense_quant._dense_quant_kernel,
-                    {**dense, "w_ptr": codes},
-                    consts,
-                    label,
-                    warps,
-                    stages,
-                )
-            )
+    # exactly what the heuristic launches at 8x22B shapes (132 SMs): must not spill
+    dense_quant.sm_count = lambda device: 132  # type: ignore[assignment]
+    picked: dict[tuple[Any, ...], str] = {}
+    for fmt, group in (("int4", 128), ("int8", 6144)):
+        for n in (8192, 1024, 32000):
+            for m in (1, 2, 4, 8, 16, 32, 64, 512):
+                weight = SimpleNamespace(format=fmt, group_size=group, out_features=n,
+                                         in_features=6144)  # fmt: skip
+                config = dense_quant.heuristic(weight, m, torch.device("cuda"))  # type: ignore[arg-type]
+                key = (fmt, config.block_m, config.block_n, config.block_k,
+                       config.split_k > 1, config.num_warps, config.num_stages)  # fmt: skip
+                picked.setdefault(key, f"heuristic M={m}")
+    # and the tuner's GEMM tiles (reported, a spill there only makes a slower candidate)
+    for fmt in ("int4", "int8"):
+        for bm, bn in ((64, 128), (128, 64)):
+            key = (fmt, bm, bn, 128 if fmt == "int4" else 64, False, 8, 3)
+            picked.setdefault(key, "tuner candidate")
+    for (fmt, bm, bn, bk, split, warps, stages), why in picked.items():
+        consts = {"WEIGHT_FORMAT": 2 if fmt == "int4" else 1, "BLOCK_M": bm, "BLOCK_N": bn,
+                  "BLOCK_K": bk, "SPLIT": split, "DOT_FP32": False}  # fmt: skip
+        codes = "*u8" if fmt == "int4" else "*i8"
+        label = f"dense {fmt} {bm}x{bn}x{bk} split {split} warps {warps} ({why})"
+        results.append(compile_one(dense_quant._dense_quant_kernel, {**dense, "w_ptr": codes},
+                                   consts, label, warps, stages,
+                                   spills_fail=why != "tuner candidate"))  # fmt: skip
     results.append(
         compile_one(
             dense_quant._dequant_int4_kernel,
@@ -150,7 +172,7 @@ def main() -> int:
             "stride_fh",
         ),
     }
-    for block_n, warps, stages in ((64, 4, 3), (128, 8, 2), (32, 4, 4)):
+    for block_n, warps, stages in ((64, 8, 3), (128, 8, 2), (128, 8, 3)):
         consts = {"GROUP": 6, "BLOCK_H": 16, "HEAD_DIM": 128, "BLOCK_N": block_n, "DOT_FP32": False}
         results.append(
             compile_one(

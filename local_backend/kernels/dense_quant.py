@@ -93,26 +93,37 @@ def shape_key(weight: DenseQuantWeight) -> str:
 
 def heuristic(weight: DenseQuantWeight, m: int, device: torch.device) -> DenseConfig:
     """Untuned defaults: GEMV with split-K up to 32 rows, tile GEMM above, cuBLAS at >= 1024
-    rows on CUDA (where it is compute bound and cuBLAS's tiles beat ours)."""
+    rows on CUDA (where it is compute bound and cuBLAS's tiles beat ours).
+
+    Sizes are chosen from sm_90 builds (scripts/compile_check_sm90.py, cuobjdump): no
+    register spills. A thread's share of the weight tile stays <= 32-64 bytes (4 warps);
+    larger tiles get 8 warps."""
     n, k = weight.out_features, weight.in_features
     group = weight.group_size if weight.format == "int4" else 0
     dot_ok = not group or group >= 32  # tl.dot needs half groups of >= 16 inputs
+    cuda = device.type == "cuda"
     if m > 32:
-        if device.type == "cuda" and m >= 1024:
+        if cuda and m >= 1024:
             return DenseConfig(mode="dequant")
         if not dot_ok:
             return DenseConfig(block_m=8, block_n=32, block_k=group)
-        return DenseConfig(block_m=64 if m <= 64 else 128, block_n=64 if m <= 64 else 128,
-                           block_k=group or 64, num_warps=4 if m <= 64 else 8)  # fmt: skip
+        return DenseConfig(block_m=64, block_n=64, block_k=group or 64, num_warps=8)
     # the dot-free form at a few rows (no padding to 16), tl.dot on 16 / 32-row tiles above
     dot_free = m <= 4 or not dot_ok
     block_m = min(next_power_of_2(m), 8) if dot_free else (16 if m <= 16 else 32)
-    block_k = group or (256 if device.type == "cuda" else 64)
-    block_n = 64 if device.type == "cuda" else 16
+    if not cuda:
+        block_n, block_k = 16, group or 64
+    elif group:
+        block_n, block_k = (64 if block_m == 1 else 32), group
+    else:
+        block_n, block_k = 32, (256 if block_m == 1 else 128)
+    if block_m >= 16:
+        block_n = 64
+    warps = 8 if block_m == 32 or (block_k if not group else block_k // 2) * block_n > 8192 else 4
     programs = cdiv(n, block_n) * cdiv(m, block_m)
     split = max(1, min(cdiv(2 * sm_count(device), programs), cdiv(k, block_k), 16))
     return DenseConfig(block_m=block_m, block_n=block_n, block_k=block_k, split_k=split,
-                       num_warps=4, num_stages=4)  # fmt: skip
+                       num_warps=warps, num_stages=4)  # fmt: skip
 
 
 def choose_config(weight: DenseQuantWeight, m: int, device: torch.device) -> DenseConfig:
@@ -171,30 +182,35 @@ if HAS_TRITON:
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         row_mask = rows < M
         col_mask = cols < N
-        x_rows = x_ptr + rows.to(tl.int64)[:, None] * stride_xm  # [BM, 1]
-        w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BN, 1]
+        x_rows = x_ptr + rows[:, None] * stride_xm  # [BM, 1]
+        w_rows = w_ptr + cols[:, None] * stride_wn  # [BN, 1]
+        w_cols = w_ptr + cols[None, :] * stride_wn  # [1, BN]
         k_begin = pid_k * k_per_split
         k_end = tl.minimum(K, k_begin + k_per_split)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_begin, k_end, BLOCK_K):
             if WEIGHT_FORMAT == 2:
                 half = tl.arange(0, BLOCK_K // 2)
-                packed = tl.load(w_rows + (k0 // 2 + half)[None, :], mask=col_mask[:, None])
-                low = (packed & 0xF).to(tl.float32) - 8.0  # [BN, BK/2]: inputs k0 + j
-                high = (packed >> 4).to(tl.float32) - 8.0  # inputs k0 + BK/2 + j
                 x_lo = tl.load(x_rows + (k0 + half)[None, :], mask=row_mask[:, None], other=0.0)
                 x_hi = tl.load(
                     x_rows + (k0 + BLOCK_K // 2 + half)[None, :], mask=row_mask[:, None], other=0.0
                 )  # fmt: skip
-                if BLOCK_M >= 16:
+                if BLOCK_M >= 16:  # the tile loaded K-major ([BK/2, BN]): a dot operand as is
+                    packed = tl.load(w_cols + (k0 // 2 + half)[:, None], mask=col_mask[None, :])
                     if DOT_FP32:
-                        part = tl.dot(x_lo.to(tl.float32), tl.trans(low), input_precision="ieee")
-                        part = tl.dot(x_hi.to(tl.float32), tl.trans(high), part,
-                                      input_precision="ieee")  # fmt: skip
-                    else:
-                        part = tl.dot(x_lo, tl.trans(low.to(x_lo.dtype)))
-                        part = tl.dot(x_hi, tl.trans(high.to(x_hi.dtype)), part)
+                        low = (packed & 0xF).to(tl.float32) - 8.0  # inputs k0 + j
+                        high = (packed >> 4).to(tl.float32) - 8.0  # inputs k0 + BK/2 + j
+                        part = tl.dot(x_lo.to(tl.float32), low, input_precision="ieee")
+                        part = tl.dot(x_hi.to(tl.float32), high, part, input_precision="ieee")
+                    else:  # straight to the activation dtype: half the registers of fp32
+                        low = ((packed & 0xF).to(tl.int8) - 8).to(x_lo.dtype)
+                        high = ((packed >> 4).to(tl.int8) - 8).to(x_lo.dtype)
+                        part = tl.dot(x_lo, low)
+                        part = tl.dot(x_hi, high, part)
                 else:  # dot-free: each row of x against the whole tile, summed along K
+                    packed = tl.load(w_rows + (k0 // 2 + half)[None, :], mask=col_mask[:, None])
+                    low = (packed & 0xF).to(tl.float32) - 8.0  # [BN, BK/2]: inputs k0 + j
+                    high = (packed >> 4).to(tl.float32) - 8.0  # inputs k0 + BK/2 + j
                     part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
                     for r in tl.static_range(BLOCK_M):
                         pick = (tl.arange(0, BLOCK_M) == r)[:, None]
@@ -207,17 +223,19 @@ if HAS_TRITON:
             else:
                 offs_k = k0 + tl.arange(0, BLOCK_K)
                 k_mask = offs_k < k_end
-                codes = tl.load(w_rows + offs_k[None, :], mask=col_mask[:, None] & k_mask[None, :],
-                                other=0)  # fmt: skip
                 x = tl.load(x_rows + offs_k[None, :], mask=row_mask[:, None] & k_mask[None, :],
                             other=0.0)  # fmt: skip
-                if BLOCK_M >= 16:
+                if BLOCK_M >= 16:  # K-major tile [BK, BN]
+                    codes = tl.load(w_cols + offs_k[:, None],
+                                    mask=k_mask[:, None] & col_mask[None, :], other=0)  # fmt: skip
                     if DOT_FP32:
-                        acc = tl.dot(x.to(tl.float32), tl.trans(codes.to(tl.float32)), acc,
+                        acc = tl.dot(x.to(tl.float32), codes.to(tl.float32), acc,
                                      input_precision="ieee")  # fmt: skip
                     else:
-                        acc = tl.dot(x, tl.trans(codes.to(x.dtype)), acc)
+                        acc = tl.dot(x, codes.to(x.dtype), acc)
                 else:
+                    codes = tl.load(w_rows + offs_k[None, :],
+                                    mask=col_mask[:, None] & k_mask[None, :], other=0)  # fmt: skip
                     w32 = codes.to(tl.float32)
                     for r in tl.static_range(BLOCK_M):
                         pick = (tl.arange(0, BLOCK_M) == r)[:, None]
@@ -227,11 +245,11 @@ if HAS_TRITON:
             channel = tl.load(s_ptr + cols, mask=col_mask, other=0.0)
             acc = acc * channel.to(tl.float32)[None, :]
         out_mask = row_mask[:, None] & col_mask[None, :]
-        y_ptrs = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :]
+        y_ptrs = y_ptr + rows[:, None] * stride_ym + cols[None, :]
         if not SPLIT:
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
         else:
-            tile_offs = rows.to(tl.int64)[:, None] * N + cols[None, :]
+            tile_offs = rows[:, None] * N + cols[None, :]
             tl.store(part_ptr + pid_k * stride_ps + tile_offs, acc, mask=out_mask)
             tl.debug_barrier()  # every thread's partial is written before the release below
             tile = pid_m * tl.num_programs(0) + pid_n
