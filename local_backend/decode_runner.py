@@ -21,6 +21,9 @@ touches the cache, whether slot 0 is live or free. The graphs are captured from 
 static inputs for the same reason: warm-up and capture *run* the step, and with every position
 at -1 they write nothing, so a bucket may be captured while sequences are live and no scratch
 slot is reserved (one would cost a whole slot of KV cache, ~0.9 GB at 8x22B and 4k context).
+Per step the host writes the rows into a (pinned, on CUDA) staging buffer, which one
+asynchronous copy brings to the graph's static input; the graph also takes each row's argmax,
+so a greedy batch samples with a copy of B ints (`greedy_tokens`) and no extra launch.
 The price of bucketing: a padding row still goes through the projections and the router, and in
 an MoE it may route to an expert no real row needs (more weight bytes read in that step); pass
 `buckets` to trade graphs for padding.
@@ -46,7 +49,7 @@ PAD_TOKEN = 0  # any valid id: its logits are dropped
 PAD_POSITION = -1  # "not a token": never written to the cache, attends to nothing
 PAD_SLOT = 0  # any valid slot: a row at position -1 never reads or writes it
 
-DecodeFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+PackedStepFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def default_buckets(max_slots: int) -> tuple[int, ...]:
@@ -78,7 +81,12 @@ class DecodeRunner:
             raise ValueError(
                 f"buckets {self.buckets} must be positive and reach max_slots ({max_slots})"
             )
-        self._steps: dict[int, DecodeFn] = {}  # bucket -> its graph (or, failing that, the step)
+        self._steps: dict[int, PackedStepFn] = {}  # bucket -> its graph (or, failing that, step)
+        self._staging: dict[int, torch.Tensor] = {}  # bucket -> host buffer of its inputs
+        # The argmax of each row of the last graph-path logits, computed inside the graph (the
+        # greedy token: sampling reads it instead of launching its own argmax); None on the
+        # torch path.
+        self.greedy_tokens: torch.Tensor | None = None
         self.captured_buckets: set[int] = set()  # buckets replayed from a CUDA graph
         self.steps_per_bucket: Counter[int] = Counter()  # decode steps run at each bucket
 
@@ -109,24 +117,21 @@ class DecodeRunner:
         rows = len(tokens)
         self._check(tokens, positions, slots)
         if not self.uses_kernels:
+            self.greedy_tokens = None
             inputs = torch.tensor([tokens, positions], dtype=torch.long).to(self.device)  # [2, B]
             slot_ids = torch.tensor(slots, dtype=torch.long).to(self.device)  # [B]
             # [B] -> [B, 1]: one token per row
             logits = self.model(inputs[0, :, None], inputs[1, :, None], self.cache, slot_ids)
             return logits[:, -1]  # [B, 1, V] -> [B, V]
         bucket = self.bucket_for(rows)
-        pad = bucket - rows
-        packed = torch.tensor(  # one host-to-device copy for the three inputs
-            [
-                [*tokens, *[PAD_TOKEN] * pad],
-                [*positions, *[PAD_POSITION] * pad],
-                [*slots, *[PAD_SLOT] * pad],
-            ],
-            dtype=torch.long,
-        ).to(self.device)  # [3, Bp]
-        # [Bp] -> [Bp, 1] for tokens and positions; slots stay [Bp]
-        logits = self._step_for(bucket)(packed[0, :, None], packed[1, :, None], packed[2])
+        staging = self._staging_for(bucket)  # [3, Bp]: tokens, positions, slots
+        view = staging.numpy()  # writing through numpy: no tensor built per step
+        view[0, :rows], view[1, :rows], view[2, :rows] = tokens, positions, slots
+        view[0, rows:], view[1, rows:], view[2, rows:] = PAD_TOKEN, PAD_POSITION, PAD_SLOT
+        # one (asynchronous, from pinned memory on CUDA) copy in, one graph replay
+        logits, greedy = self._step_for(bucket)(staging)
         self.steps_per_bucket[bucket] += 1
+        self.greedy_tokens = greedy[:rows]
         return logits[:rows, -1]  # [Bp, 1, V] -> [B, V]: padding rows dropped
 
     def _check(self, tokens: Sequence[int], positions: Sequence[int], slots: Sequence[int]) -> None:
@@ -147,29 +152,41 @@ class DecodeRunner:
             if not all(0 <= v < limit for v in values):
                 raise ValueError(f"{name} must lie in [0, {limit}), got {list(values)}")
 
-    def _step_for(self, bucket: int) -> DecodeFn:
+    def _staging_for(self, bucket: int) -> torch.Tensor:
+        staging = self._staging.get(bucket)
+        if staging is None:
+            pinned = self.device.type == "cuda"
+            staging = torch.empty(3, bucket, dtype=torch.long, pin_memory=pinned)
+            self._staging[bucket] = staging
+        return staging
+
+    def _step_for(self, bucket: int) -> PackedStepFn:
         step = self._steps.get(bucket)
         if step is None:
             step = self._steps[bucket] = self._capture(bucket)
         return step
 
-    def _capture(self, bucket: int) -> DecodeFn:
+    def _capture(self, bucket: int) -> PackedStepFn:
         from local_backend.kernels import capture_decode, decode_step
 
-        def step(tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor) -> Any:
-            return decode_step(self.model, tokens, positions, self.cache, slots)
+        def step(packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """packed [3, Bp] on the device -> (logits [Bp, 1, V], their argmax [Bp])."""
+            tokens, positions, slots = packed[0, :, None], packed[1, :, None], packed[2]
+            logits = decode_step(self.model, tokens, positions, self.cache, slots)
+            return logits, logits[:, -1].argmax(dim=-1)
 
-        static = (
-            torch.full((bucket, 1), PAD_TOKEN, dtype=torch.long, device=self.device),
-            torch.full((bucket, 1), PAD_POSITION, dtype=torch.long, device=self.device),
-            torch.full((bucket,), PAD_SLOT, dtype=torch.long, device=self.device),
+        static = torch.tensor(
+            [[PAD_TOKEN] * bucket, [PAD_POSITION] * bucket, [PAD_SLOT] * bucket],
+            dtype=torch.long,
+            device=self.device,
         )  # all padding: warm-up and capture leave the cache untouched
         try:
-            graph = capture_decode(step, *static)
+            graph = capture_decode(step, static)
         except Exception:  # serve uncaptured (slower) rather than not at all
             log.warning("CUDA graph capture failed for decode batch %d", bucket, exc_info=True)
-            return step
+            return lambda packed: step(packed.to(self.device))
         if graph.captured:
             self.captured_buckets.add(bucket)
             log.info("captured the decode step for batch %d in a CUDA graph", bucket)
-        return graph
+            return cast(PackedStepFn, graph)
+        return lambda packed: step(packed.to(self.device))

@@ -17,7 +17,6 @@ event loop through call_soon_threadsafe. A consumer that goes away (stream.cance
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import logging
 import threading
@@ -27,6 +26,7 @@ from typing import Any
 
 import torch
 
+from local_backend.engine_stream import GenerationStream, RequestState, StreamItem, deliver_batched
 from local_backend.generation import (
     ChoiceDelta,
     ChoiceResult,
@@ -47,85 +47,6 @@ from local_backend.scheduler import Scheduler
 from local_backend.telemetry import EngineTelemetry
 
 log = logging.getLogger(__name__)
-
-_StreamItem = ChoiceDelta | Usage | EngineError
-
-
-class _RequestState:
-    """The engine's side of one request (the scheduler's `owner` of its n sequences).
-
-    It holds the consumer's queue, not the stream itself, so a consumer that drops its stream
-    lets it be garbage collected (and cancelled) while the engine still runs the request.
-    """
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
-        self.loop = asyncio.get_running_loop()
-        self.wakeup: asyncio.Queue[list[_StreamItem]] = asyncio.Queue()
-        self.cancelled = False
-        self.unfinished = request.n
-        self.completion_tokens = 0
-        self.submitted_at = time.perf_counter()
-        self.last_token_at: float | None = None  # for TTFT, then the gaps between tokens
-
-    def deliver(self, items: list[_StreamItem]) -> bool:
-        """Called from the engine thread; False when the consumer's loop is gone."""
-        try:
-            self.loop.call_soon_threadsafe(self.wakeup.put_nowait, items)
-        except RuntimeError:  # event loop closed
-            return False
-        return True
-
-
-class GenerationStream:
-    """Async iterator of ChoiceDelta for one request; `usage` is set when it ends."""
-
-    def __init__(self, engine: Engine, request: GenerationRequest) -> None:
-        self._engine = engine
-        self._state = _RequestState(request)
-        self._buffer: deque[_StreamItem] = deque()
-        self.request_id = request.request_id
-        self.prompt_tokens = len(request.prompt_tokens)
-        self.usage: Usage | None = None
-        self.finished = False
-
-    def __aiter__(self) -> GenerationStream:
-        return self
-
-    async def __anext__(self) -> ChoiceDelta:
-        while not self._buffer:
-            if self.finished:
-                raise StopAsyncIteration
-            self._buffer.extend(await self._state.wakeup.get())
-        item = self._buffer.popleft()
-        if isinstance(item, ChoiceDelta):
-            return item
-        self.finished = True
-        if isinstance(item, Usage):
-            self.usage = item
-            raise StopAsyncIteration
-        raise item
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its slots are freed at the next step."""
-        if not self.finished:
-            self.finished = True
-            self._engine._cancel(self._state)
-
-    async def aclose(self) -> None:
-        self.cancel()
-
-    async def __aenter__(self) -> GenerationStream:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.cancel()
-
-    def __del__(self) -> None:
-        # A consumer that drops the stream without finishing it has gone away.
-        if not getattr(self, "finished", True):
-            self.finished = True
-            self._engine._cancel(self._state)
 
 
 class Engine:
@@ -171,8 +92,8 @@ class Engine:
             prefill_token_budget=prefill_token_budget,
         )
         self._cond = threading.Condition()
-        self._waiting: deque[_RequestState] = deque()
-        self._active: list[_RequestState] = []
+        self._waiting: deque[RequestState] = deque()
+        self._active: list[RequestState] = []
         self._active_slots = 0
         self._stats = EngineStats()
         self.telemetry = EngineTelemetry()
@@ -304,7 +225,7 @@ class Engine:
 
     # -- the engine thread ------------------------------------------------------------------
 
-    def _cancel(self, state: _RequestState) -> None:
+    def _cancel(self, state: RequestState) -> None:
         """The consumer left: a queued request leaves now, a running one before the next step."""
         with self._cond:
             if state.cancelled or (state not in self._waiting and state not in self._active):
@@ -315,7 +236,7 @@ class Engine:
                 self._count_cancel(state, "queued", 0)
             self._cond.notify_all()
 
-    def _count_cancel(self, state: _RequestState, where: str, freed: int) -> None:
+    def _count_cancel(self, state: RequestState, where: str, freed: int) -> None:
         self._stats.requests_cancelled += 1
         self.telemetry.record_cancel(where)
         log.info(
@@ -361,7 +282,7 @@ class Engine:
             self._stats.prompt_tokens += len(state.request.prompt_tokens)
 
     def _dispatch(self, outputs: list[Any]) -> None:
-        per_request: dict[_RequestState, list[_StreamItem]] = defaultdict(list)
+        per_request: dict[RequestState, list[StreamItem]] = defaultdict(list)
         now = time.perf_counter()
         for owner in dict.fromkeys(out.owner for out in outputs):
             if owner.last_token_at is None:
@@ -370,7 +291,7 @@ class Engine:
                 self.telemetry.record_token_gap(now - owner.last_token_at)
             owner.last_token_at = now
         for out in outputs:
-            state: _RequestState = out.owner
+            state: RequestState = out.owner
             per_request[state].append(out.delta)
             state.completion_tokens += len(out.delta.token_ids)
             if out.delta.finish_reason is not None:
@@ -385,8 +306,7 @@ class Engine:
                     items.append(Usage(len(state.request.prompt_tokens), state.completion_tokens))
                     self._active.remove(state)
                     self._stats.requests_finished += 1
-                if not state.deliver(items):
-                    state.cancelled = True
+        deliver_batched(list(per_request.items()))
 
     def _fail_active(self, error: EngineError) -> None:
         with self._cond:

@@ -168,15 +168,23 @@ def top_k_top_p_probs(
 
 
 def sample(
-    logits: torch.Tensor, states: list[SamplingState]
+    logits: torch.Tensor, states: list[SamplingState], greedy_tokens: torch.Tensor | None = None
 ) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Pick one token per row of logits [B, V]; returns (token ids, logprobs or None per row)."""
+    """Pick one token per row of logits [B, V]; returns (token ids, logprobs or None per row).
+
+    `greedy_tokens` [B], when given, is logits.argmax(-1) computed already (inside the decode
+    graph): used as is where no row has penalties, which would change the argmax.
+    """
     assert logits.dim() == 2 and logits.shape[0] == len(states), "one state per logits row"
     raw = logits.float()
-    processed = apply_penalties(raw, states)
-    tokens = torch.argmax(processed, dim=-1)  # [B]; kept for the greedy rows
-
+    penalised = any(s.has_penalties for s in states)
+    processed = apply_penalties(raw, states) if penalised else raw
     random_rows = [i for i, s in enumerate(states) if not s.params.greedy]
+    if greedy_tokens is not None and not penalised:
+        tokens = greedy_tokens.clone() if random_rows else greedy_tokens
+    else:
+        tokens = torch.argmax(processed, dim=-1)  # [B]; kept for the greedy rows
+
     if random_rows:
         device = logits.device
         idx = torch.tensor(random_rows, device=device)
@@ -194,9 +202,10 @@ def sample(
         rank = torch.searchsorted(cdf, targets, right=True).clamp_(max=cdf.shape[1] - 1)  # [P, 1]
         tokens[idx] = sorted_ids.gather(1, rank).squeeze(1)
 
-    token_list = [int(t) for t in tokens.tolist()]
-    for state, token in zip(states, token_list, strict=True):
-        state.record(token)
+    token_list: list[int] = tokens.tolist()  # the one device-to-host sync of the step
+    if penalised:
+        for state, token in zip(states, token_list, strict=True):
+            state.record(token)
     return token_list, _logprobs(raw, token_list, states)
 
 

@@ -224,12 +224,14 @@ class Scheduler:
         )  # [B, V]
         for seq in seqs:
             seq.num_cached += 1
-        return self._sample_and_emit(logits, seqs)
+        return self._sample_and_emit(logits, seqs, self.decode_runner.greedy_tokens)
 
     # -- sampling, text and stopping ------------------------------------------------------------
 
-    def _sample_and_emit(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[StepOutput]:
-        token_ids, logprobs = sample(logits, [s.sampling for s in seqs])
+    def _sample_and_emit(
+        self, logits: torch.Tensor, seqs: list[Sequence], greedy: torch.Tensor | None = None
+    ) -> list[StepOutput]:
+        token_ids, logprobs = sample(logits, [s.sampling for s in seqs], greedy)
         outputs = []
         for seq, token, logprob in zip(seqs, token_ids, logprobs, strict=True):
             outputs.append(StepOutput(seq.owner, self._advance(seq, token, logprob)))

@@ -9,11 +9,15 @@ What "triton" installs (each kernel beside its torch reference in reference.py):
 
     RMSNorm            rmsnorm.rms_norm
     TransformerBlock   the residual add fused into ffn_norm (rmsnorm.add_rms_norm)
-    Attention          at decode: rotary in place (rotary.py), cache write and flash-decoding
-                       over the cache (decode_attention.py); prefill keeps the model's forward
+    Attention          at decode: one fused q/k/v GEMV (wq, wk, wv become views of one
+                       weight: forwards.fuse_qkv), rotary and cache write in one launch
+                       (rotary.rotary_write_kv_), flash-decoding (decode_attention.py); prefill
+                       keeps the model's forward
     MoE                fused_moe.fused_moe: top-2 routing, grouped GEMMs over experts, bf16 or
                        int8/int4 experts dequantized inside the GEMM (quant.py)
-    QuantizedLinear    quant.dequant_matmul (attention projections quantized by quantize.py)
+    QuantizedLinear    dense_quant.dense_linear: the int8/int4 attention projections (and output
+                       head, when quantized) repacked at install for a split-K GEMV at decode
+                       and a tile GEMM or dequantize-then-cuBLAS at prefill
 
 "torch" restores the model's own forwards, except that quantized experts and projections (which
 the model's code cannot read) run the reference dequantizing path.
@@ -101,7 +105,12 @@ def install(model: Transformer, backend: Backend) -> Transformer:
                 quantized = forwards.is_quantized(module)
                 _set_forward(module, forwards.moe_torch_quantized if quantized else None)
         elif isinstance(module, QuantizedLinear):
-            module.backend = backend
+            module.set_backend(backend)
+    # after the projections took their layout: fuse q/k/v for the decode GEMV (triton)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            fuse = triton and not windowed
+            (forwards.fuse_qkv if fuse else forwards.unfuse_qkv)(module)
     # a plain attribute (nn.Module's typed __setattr__ only admits tensors and modules)
     model.__dict__["kernel_backend"] = backend  # read by decode_step and quantize
     return model

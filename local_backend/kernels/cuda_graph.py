@@ -103,12 +103,30 @@ def decode_step(
     """
     from local_backend.model import rope_cos_sin
 
+    from .rmsnorm import add_rms_norm
+
     config = model.config
     triton_attention = getattr(model, "kernel_backend", "torch") == "triton"
     if not triton_attention or config.sliding_window is not None or tokens.shape[1] != 1:
         return model(tokens, positions, cache, slots)
     x = model.tok_embeddings(tokens)  # [B, 1, D]
     cos, sin = rope_cos_sin(positions, config.head_dim, config.rope_theta, x.dtype)  # [B, 1, Dh]
+    # TransformerBlock by hand: each residual add is fused into the norm that follows it, the
+    # MoE's too (into the next layer's attention_norm, or the final norm): one elementwise
+    # launch per layer fewer than layer by layer. Same roundings as block_triton.
+    moe_out = None
     for layer in model.layers:
-        x = layer(x, cos, sin, None, positions, cache, slots)
-    return model.output(model.norm(x)).float()  # [B, 1, V]
+        if moe_out is None:
+            normed = layer.attention_norm(x)
+        else:  # x + moe_out, written into moe_out's buffer, and its norm
+            normed, x = add_rms_norm(
+                x, moe_out, layer.attention_norm.weight, layer.attention_norm.eps
+            )
+        attn = layer.attention(normed, cos, sin, None, positions, cache, slots)
+        normed, x = add_rms_norm(x, attn, layer.ffn_norm.weight, layer.ffn_norm.eps)
+        moe_out = layer.block_sparse_moe(normed)
+    if moe_out is None:
+        final = model.norm(x)
+    else:
+        final, _ = add_rms_norm(x, moe_out, model.norm.weight, model.norm.eps)
+    return model.output(final).float()  # [B, 1, V]

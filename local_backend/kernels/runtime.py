@@ -98,3 +98,19 @@ def sm_count(device: torch.device) -> int:
 def launch_options(num_warps: int, num_stages: int) -> dict[str, Any]:
     """Launch kwargs; the interpreter ignores them, CUDA uses them."""
     return {"num_warps": num_warps, "num_stages": num_stages}
+
+
+_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
+_MIN_COUNTERS = 1 << 16
+
+
+def tile_counters(device: torch.device, tiles: int = _MIN_COUNTERS) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose programs meet at the end (split-K GEMV, split
+    attention: the last program of a tile to arrive reduces the others' partials). Shared by
+    every launch on the device: launches on one stream never overlap, and each leaves its
+    counters at 0. Old buffers are kept alive: a captured CUDA graph may still point at them."""
+    buffers = _COUNTERS.setdefault(device, [])
+    if not buffers or buffers[-1].numel() < tiles:
+        size = max(_MIN_COUNTERS, next_power_of_2(tiles))
+        buffers.append(torch.zeros(size, dtype=torch.int32, device=device))
+    return buffers[-1]

@@ -9,11 +9,11 @@ import pytest
 
 from gateway.prices import PriceBook
 from gateway.routing import available_from
+from gateway.routing.availability import NotConfigured
 from gateway.routing.filters import Asked, Limits, requested_max_tokens, skip_reason
 from gateway.routing.prefs import DEFAULT_PREFS, parse_provider_prefs
 from gateway.routing.prompt import PromptText
 from gateway.routing.route_facts import RouteFacts
-from gateway.routing.availability import NotConfigured
 from tests.gateway.routing_fixtures import (
     DEEPINFRA,
     HOSTED,

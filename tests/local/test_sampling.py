@@ -160,3 +160,19 @@ def test_invalid_params_raise_value_error_naming_the_field(kwargs):
     field = next(iter(kwargs))
     with pytest.raises(ValueError, match=field.split("_")[0]):
         SamplingParams(**kwargs)
+
+
+def test_precomputed_greedy_tokens_are_used_unless_penalties_change_the_argmax():
+    """The decode graph hands its argmax over; sampling trusts it (a deliberately wrong one
+    shows it is read) except where a penalty row makes the raw argmax wrong."""
+    logits = torch.tensor([[3.0, 2.9, 0.0], [3.0, 2.9, 0.0]])
+    handed = torch.tensor([2, 1])  # not the argmax: proves the tensor is what gets used
+    plain = [SamplingState(SamplingParams(temperature=0.0), [], 3) for _ in range(2)]
+    assert sample(logits, plain, handed)[0] == [2, 1]
+    penalised = SamplingState(SamplingParams(temperature=0.0, frequency_penalty=1.0), [], 3)
+    assert sample(logits, [penalised, plain[1]], handed)[0] == [0, 0]  # recomputed
+    # a random row among greedy ones still draws; the greedy row keeps the handed token
+    states = [plain[0], SamplingState(SamplingParams(temperature=1.0, seed=1), [], 3)]
+    tokens, _ = sample(torch.tensor([[0.0, 0.0, 9.0], [0.0, 0.0, 50.0]]), states, handed)
+    assert tokens == [2, 2]
+    assert handed.tolist() == [2, 1]  # the graph's buffer is not written into
