@@ -179,6 +179,7 @@ def test_dense_linear_8x22b_shapes_gpu(fmt: str, shape: tuple[int, int]) -> None
     assert not dq.split_counters(torch.device("cuda")).any()
 
 
+@requires_triton  # it installs the triton backend first (then checks the torch one undoes it)
 @pytest.mark.parametrize("fmt", ["bf16", "int4"])
 def test_install_fuses_qkv_into_views(fmt: str) -> None:
     """triton: wq, wk, wv become row views of one fused weight (no second copy); torch: the
