@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from gateway.catalog import Catalog, Route
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.redis_client import redis_client
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
@@ -242,12 +243,8 @@ class PriceBook:
 
     def _client(self) -> Redis:
         if self._redis is None:
-            from redis.asyncio import Redis
-
             assert self._redis_url is not None
-            self._redis = Redis.from_url(
-                self._redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
+            self._redis = redis_client(self._redis_url)
         return self._redis
 
     def _parse(self, raw: dict[Any, Any]) -> dict[str, PriceOverride]:

@@ -33,6 +33,7 @@ import time
 from typing import Any
 
 from gateway.errors import RateLimited
+from gateway.redis_client import redis_client
 from gateway.settings import ClientLimit, Settings
 from gateway.stats.base import StatsStore, Usage
 
@@ -42,6 +43,7 @@ PICO = 10**12  # the budget is summed exactly in pico-dollars
 WINDOW_S = 60
 DAY_S = 86_400
 _WARN_EVERY_S = 60.0
+QUOTA_REDIS_TIMEOUT_S = 1.0  # connect and read: the check is on the request path
 
 # KEYS: requests window, tokens window, budget day. ARGV: request limit, token limit, budget
 # (pico-dollars), window TTL; a limit of 0 is not set. Returns {requests, tokens, budget}: 1 for
@@ -153,9 +155,8 @@ class _MemoryCounters:
 
 class _RedisCounters:
     def __init__(self, url: str):
-        from redis.asyncio import Redis
-
-        self._redis = Redis.from_url(url)
+        # on the request path: a Redis that stops answering costs a request at most 1 s
+        self._redis = redis_client(url, timeout_s=QUOTA_REDIS_TIMEOUT_S)
         self._check = self._redis.register_script(_CHECK)
         self._charge = self._redis.register_script(_CHARGE)
 

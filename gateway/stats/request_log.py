@@ -28,6 +28,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from gateway.redis_client import redis_client
 from gateway.stats.base import Attempt, StatsUnavailableError, Usage
 
 if TYPE_CHECKING:
@@ -149,11 +150,12 @@ class RequestLog:
         shared = entries is not None
         if entries is None:
             entries = [asdict(e) for e in self._local]
+        else:  # this process's newest, not pushed yet (their usage may still be on its way)
+            entries = [asdict(e) for e in reversed(self._unsent)] + entries
         picked = [e for e in entries if _matches(e, route, status)][:limit]
         return {"entries": picked, "shared": shared}
 
     async def _read_shared(self) -> list[dict[str, Any]]:
-        await self.flush(settled_only=False)
         try:
             raw = await self._client().lrange(self._key, 0, self.size - 1)
         except Exception as exc:
@@ -170,12 +172,8 @@ class RequestLog:
 
     def _client(self) -> Redis:
         if self._redis is None:
-            from redis.asyncio import Redis
-
             assert self._redis_url is not None
-            self._redis = Redis.from_url(
-                self._redis_url, socket_timeout=2.0, socket_connect_timeout=2.0
-            )
+            self._redis = redis_client(self._redis_url)
         return self._redis
 
     async def start(self) -> None:

@@ -197,3 +197,23 @@ async def test_an_unreachable_redis_lets_requests_through_with_a_warning(
     warnings = [r for r in caplog.records if r.name == "gateway.quotas"]
     assert len(warnings) == 1 and "not enforced" in warnings[0].getMessage()
     assert "s3cret-pass" not in caplog.text
+
+
+async def test_a_redis_that_stops_answering_costs_a_request_at_most_the_quota_timeout() -> None:
+    """A Redis that accepts connections but never replies (paused, blackholed) must not hold
+    requests: the check gives up after QUOTA_REDIS_TIMEOUT_S and lets the request through."""
+    from gateway.quotas import QUOTA_REDIS_TIMEOUT_S, ClientQuotas
+    from tests.gateway.routing_fixtures import hermetic_settings
+
+    silent = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)  # reads nothing
+    port = silent.sockets[0].getsockname()[1]
+    settings = hermetic_settings(redis_url=f"redis://127.0.0.1:{port}/0", client_requests_per_min=1)
+    quotas = ClientQuotas(settings)
+    try:
+        started = time.perf_counter()
+        await asyncio.wait_for(quotas.check("alice"), timeout=10 * QUOTA_REDIS_TIMEOUT_S)
+        waited = time.perf_counter() - started
+    finally:
+        await quotas.aclose()
+        silent.close()
+    assert waited < 3 * QUOTA_REDIS_TIMEOUT_S
