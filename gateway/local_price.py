@@ -63,6 +63,15 @@ class LocalPriceFeed:
         self._refresh_s = refresh_s
         self._clock = clock
         self._cache: dict[str, tuple[float, dict[str, Any]]] = {}  # route id -> (at, basis)
+        self._local = [r for r in catalog.routes() if r.kind == "local"]
+        self._version = 0  # bumped when a route's price changes
+
+    def version(self) -> int:
+        """How many times a local price changed (refreshing those due): PriceBook.generation
+        adds it, so the router drops route facts that hold an old price."""
+        for route in self._local:
+            self.basis(route)
+        return self._version
 
     def basis(self, route: Route) -> dict[str, Any] | None:
         """What the route's price rests on; None for a route that is not local."""
@@ -82,6 +91,8 @@ class LocalPriceFeed:
         )
         basis = {"tokens_per_s": rate, "batch": batch, "source": source}
         basis["price"] = local_price_per_m(spec.gpu_cost_per_hour, rate)
+        if cached is None or cached[1]["price"] != basis["price"]:
+            self._version += 1
         self._cache[route.id] = (now, basis)
         return basis
 

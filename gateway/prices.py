@@ -125,9 +125,8 @@ class PriceBook:
         refresh_interval_s: float = 2.0,
     ):
         self._routes: dict[str, Route] = {route.id: route for route in catalog.routes()}
-        self.generation = 0  # bumped whenever the overrides change (the router's cache key)
+        self._generation = 0  # bumped whenever the overrides change (see `generation`)
         self._current: dict[str, PriceOverride] = {}
-        self._overrides = {}
         self._redis_url = redis_url
         self._key = f"{prefix}prices"
         self._history_key = f"{prefix}prices:history"
@@ -140,8 +139,17 @@ class PriceBook:
         self._version = 0
         self._refresh_failing = False
         # Prices measured at run time (the local route's, gateway/local_price.py): below an
-        # admin override, above the catalog. None for a route without one.
+        # admin override, above the catalog. None for a route without one. `measured_version`
+        # counts their changes (it may refresh them: cheap while they are fresh).
         self.measured: Callable[[Route], tuple[float, float] | None] | None = None
+        self.measured_version: Callable[[], int] | None = None
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever an effective price may have: an override, or a measured price (the
+        router's cached route facts hold prices and are dropped when this moves)."""
+        measured = self.measured_version() if self.measured_version is not None else 0
+        return self._generation + measured
 
     @property
     def shared(self) -> bool:
@@ -157,7 +165,7 @@ class PriceBook:
     @_overrides.setter
     def _overrides(self, value: dict[str, PriceOverride]) -> None:
         if value != getattr(self, "_current", None):  # (a refresh often reads the same prices)
-            self.generation += 1  # the router's cached route facts hold prices: now stale
+            self._generation += 1  # the router's cached route facts hold prices: now stale
         self._current = value
 
     def effective(self, route: Route) -> tuple[float, float]:

@@ -36,12 +36,12 @@ from gateway.errors import RateLimited
 from gateway.redis_client import redis_client
 from gateway.settings import ClientLimit, Settings
 from gateway.stats.base import StatsStore, Usage
+from gateway.stats.usage import DAY_S, utc_day
 
 log = logging.getLogger(__name__)
 
 PICO = 10**12  # the budget is summed exactly in pico-dollars
 WINDOW_S = 60
-DAY_S = 86_400
 _WARN_EVERY_S = 60.0
 QUOTA_REDIS_TIMEOUT_S = 1.0  # connect and read: the check is on the request path
 
@@ -87,10 +87,6 @@ class BudgetExceeded(RateLimited):
     code = "insufficient_quota"
 
 
-def _day(now: float) -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime(now))
-
-
 def seconds_to_midnight_utc(now: float) -> float:
     return DAY_S - (now % DAY_S)
 
@@ -102,7 +98,7 @@ class _Keys:
         minute = int(now // WINDOW_S)
         self.requests = f"{prefix}quota:rpm:{client}:{minute}"
         self.tokens = f"{prefix}quota:tpm:{client}:{minute}"
-        self.budget = f"{prefix}quota:usd:{client}:{_day(now)}"
+        self.budget = f"{prefix}quota:usd:{client}:{utc_day(now)}"
         self.window_left = (minute + 1) * WINDOW_S - now
 
 
@@ -141,9 +137,12 @@ class _MemoryCounters:
         return [0, 0, 0]
 
     async def charge(self, keys: _Keys, tokens: int, pico: int, now: float) -> None:
-        if tokens:
+        self.add_charge(keys, tokens, pico, now)
+
+    def add_charge(self, keys: _Keys, tokens: int, pico: int, now: float) -> None:
+        if tokens > 0:
             self._add(keys.tokens, tokens, 2 * WINDOW_S, now)
-        if pico:
+        if pico > 0:
             self._add(keys.budget, pico, 3 * DAY_S, now)
 
     async def get(self, key: str, now: float) -> int:
@@ -238,6 +237,9 @@ class ClientQuotas:
             return
         now = self.clock()
         keys = _Keys(self._prefix, usage.client_key, now)
+        if isinstance(self._counters, _MemoryCounters):  # no I/O: no task either
+            self._counters.add_charge(keys, tokens, pico, now)
+            return
         task = asyncio.get_running_loop().create_task(self._charge(keys, tokens, pico, now))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)

@@ -177,10 +177,6 @@ class Settings(BaseSettings):
             daily_budget_usd=self.client_daily_budget_usd,
         )
 
-    def limit_for(self, client: str) -> ClientLimit:
-        """The limits of a client (its key name, or key id for an unnamed key)."""
-        return self.client_limits.get(client) or self.default_client_limit
-
     @property
     def limits_configured(self) -> bool:
         return not self.default_client_limit.unlimited or any(

@@ -65,6 +65,7 @@ class SSEDecoder:
             if not self._data and not self._event:  # at an event boundary: whole events first
                 *events, buf = buf.split(b"\n\n")
                 for event in events:
+                    self._check(len(event))  # a whole event in one read is bounded too
                     if event.startswith(b"data:") and len(event.split(b"\n", 1)) == 1:
                         out.append(event[6:] if event[5:6] == b" " else event[5:])
                         continue

@@ -49,6 +49,8 @@ from gateway.errors import (
     PayloadTooLarge,
     render_error,
 )
+from gateway.stats.base import USAGE_GROUPS
+from gateway.stats.request_log import STATUS_FILTERS
 from gateway.stats.windows import SERIES
 
 
@@ -191,17 +193,20 @@ def _choice(value: str | None, allowed: tuple[str, ...], default: str) -> str:
     return value if value in allowed else default
 
 
+def known_route(state: GatewayState, route: str | None) -> str | None:
+    """A route id of the catalog, or None (anything else a client sends is ignored)."""
+    return route if route and any(r.id == route for r in state.catalog.routes()) else None
+
+
 async def _dashboard(request: Request, state: GatewayState, notice: str = "") -> str:
     q = request.query_params
     token = _token(state) or ""
-    route = q.get("route") or None
-    routes = {r.id for r in state.catalog.routes()}
     return await shell(
         state,
         span=_choice(q.get("span"), tuple(SERIES), "1h"),
-        by=_choice(q.get("by"), ("route", "model", "client"), "route"),
-        route=route if route in routes else None,
-        status=_choice(q.get("status"), ("all", "ok", "error"), "all"),
+        by=_choice(q.get("by"), USAGE_GROUPS, "route"),
+        route=known_route(state, q.get("route")),
+        status=_choice(q.get("status"), STATUS_FILTERS, "all"),
         user=admin_user(request, token),
         notice=notice,
     )

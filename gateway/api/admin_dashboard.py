@@ -21,16 +21,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 
 from gateway.api import dashboard_views as views
-from gateway.api.admin import _admin, _choice, _Denied
-from gateway.api.admin_page import page
+from gateway.api.admin import _admin, _choice, _Denied, known_route
+from gateway.api.admin_page import redact_html
 from gateway.errors import InvalidRequest, render_error
-from gateway.stats.base import StatsUnavailableError
+from gateway.stats.base import USAGE_GROUPS, StatsUnavailableError
+from gateway.stats.request_log import STATUS_FILTERS
 from gateway.stats.windows import SERIES
 
 router = APIRouter(prefix="/admin")
 STATIC = Path(__file__).with_name("static")
-GROUPS = ("route", "model", "client")
-STATUSES = ("all", "ok", "error")
 
 
 @router.get("/static/htmx.min.js", response_model=None)
@@ -58,19 +57,17 @@ async def fragment(name: str, request: Request) -> Response:
     elif name == "charts":
         inner = await views.charts_fragment(state, _choice(q.get("span"), tuple(SERIES), "1h"))
     elif name == "spend":
-        inner = await views.spend_fragment(state, _choice(q.get("by"), GROUPS, "route"))
+        inner = await views.spend_fragment(state, _choice(q.get("by"), USAGE_GROUPS, "route"))
     elif name == "log":
-        route = q.get("route") or None
-        if route is not None and route not in {r.id for r in state.catalog.routes()}:
-            route = None
-        inner = await views.log_fragment(state, route, _choice(q.get("status"), STATUSES, "all"))
+        route = known_route(state, q.get("route"))
+        inner = await views.log_fragment(
+            state, route, _choice(q.get("status"), STATUS_FILTERS, "all")
+        )
     elif name == "prices":
         inner = await views.prices_fragment(state)
     else:
         return render_error(InvalidRequest(f"no dashboard fragment {name!r}"))
-    # a fragment is not a page: page() only for its redaction, then the body is cut out
-    doc = page("", inner, state.settings.secrets())
-    body = doc[doc.index("</h1>") + 5 : doc.rindex("</body>")]
+    body = redact_html(inner, state.settings.secrets())  # a fragment: no page around it
     return HTMLResponse(body, headers={"cache-control": "no-store"})
 
 
@@ -106,8 +103,10 @@ async def requests_log(request: Request) -> Response | dict[str, Any]:
         state, _ = _admin(request, html=False)
         q = request.query_params
         status = q.get("status", "all")
-        if status not in STATUSES:
-            raise InvalidRequest(f"status must be one of {', '.join(STATUSES)}", param="status")
+        if status not in STATUS_FILTERS:
+            raise InvalidRequest(
+                f"status must be one of {', '.join(STATUS_FILTERS)}", param="status"
+            )
         limit_text = q.get("limit", "100")
         if not limit_text.isdigit() or not 1 <= int(limit_text) <= 10_000:
             raise InvalidRequest("limit must be an integer from 1 to 10000", param="limit")

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 from gateway.api.catalog_routes import endpoint_entry
 from gateway.api.state import GatewayState
 from gateway.errors import redact
-from gateway.stats.base import StatsUnavailableError, UsageTotals
+from gateway.stats.base import USAGE_GROUPS, StatsUnavailableError, UsageTotals
 
 
 def safe_url(url: str | None) -> str | None:
@@ -53,7 +53,7 @@ def _totals(totals: UsageTotals) -> dict[str, Any]:
 async def spend_today(state: GatewayState) -> dict[str, Any]:
     """Today's usage (UTC) by route, model and client key id; None where the store is down."""
     out: dict[str, Any] = {}
-    for by in ("route", "model", "client"):
+    for by in USAGE_GROUPS:
         try:
             usage = await state.stats.usage(by=by)
         except StatsUnavailableError:
@@ -121,7 +121,12 @@ def page(title: str, body: str, secrets: tuple[str, ...] = (), *, scripts: bool 
         f"<!doctype html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
         f"<style>{_STYLE}</style>{script}</head><body><h1>{_e(title)}</h1>{body}</body></html>"
     )
-    return redact(doc, tuple(s for s in secrets if len(s) >= MIN_SECRET_LEN))
+    return redact_html(doc, secrets)
+
+
+def redact_html(text: str, secrets: tuple[str, ...]) -> str:
+    """Every configured secret (long enough to be one) and credential pattern scrubbed."""
+    return redact(text, tuple(s for s in secrets if len(s) >= MIN_SECRET_LEN))
 
 
 def login_page(error: str | None = None) -> str:

@@ -153,7 +153,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             stats.observer = request_log
         providers = build_providers(catalog, settings)
         log_route_summary(catalog, providers)
-        prices.measured = LocalPriceFeed(catalog, providers).price  # the local route's price
+        feed = LocalPriceFeed(catalog, providers)  # the local route's price, measured
+        prices.measured, prices.measured_version = feed.price, feed.version
         tokens = counter if counter is not None else default_counter()
         exact = None if isinstance(tokens, EstimateCounter) else tokens
         router = build_router(catalog, prices, stats, providers, counter=exact)

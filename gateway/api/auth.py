@@ -32,10 +32,6 @@ class ClientKeys:
             self._keys.append((secret.encode(), name or key_id(secret)))
 
     @property
-    def names(self) -> list[str]:
-        return [name for _, name in self._keys]
-
-    @property
     def open(self) -> bool:
         return not self._keys
 

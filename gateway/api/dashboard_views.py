@@ -15,21 +15,23 @@ defence.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 from urllib.parse import urlencode
 
-from gateway.api.admin_page import _e, base_url, page, spend_today
+from gateway.api.admin_page import _e, _totals, base_url, page
 from gateway.api.catalog_routes import endpoint_entry
 from gateway.api.state import GatewayState
 from gateway.api.svg_charts import Series, bar_chart, line_chart, millis, percent, plain, usd
-from gateway.stats.base import StatsUnavailableError
+from gateway.stats.base import USAGE_GROUPS, StatsUnavailableError
+from gateway.stats.request_log import STATUS_FILTERS
+from gateway.stats.usage import DAY_S, utc_day
 from gateway.stats.windows import SERIES
 
 REFRESH_S = 5
 SPEND_DAYS = 7
 LOG_LIMIT = 100
-DAY_S = 86400
 
 # (css class, label): red = serving fails, amber = degraded or full, grey = not a candidate
 GOOD, WARN, BAD, OFF = "good", "warn", "bad", "off"
@@ -159,18 +161,15 @@ async def charts_fragment(state: GatewayState, span: str) -> str:
 
 async def spend_fragment(state: GatewayState, by: str) -> str:
     today = time.time()
-    days = [time.strftime("%Y-%m-%d", time.gmtime(today - i * DAY_S)) for i in range(SPEND_DAYS)]
-    days.reverse()
-    per_day: list[dict[str, Any]] = []
+    days = [utc_day(today - i * DAY_S) for i in range(SPEND_DAYS - 1, -1, -1)]  # oldest first
     try:
-        for day in days:
-            per_day.append(await state.stats.usage(by=by, day=day))
+        per_day = await asyncio.gather(*(state.stats.usage(by=by, day=day) for day in days))
     except StatsUnavailableError:
         return "<p class='bad'>usage store unavailable (Redis down)</p>"
     keys = sorted({k for usage in per_day for k in usage})
     stacks = [Series(k, [u[k].cost_usd if k in u else None for u in per_day]) for k in keys]
     chart = bar_chart(f"Spend per UTC day by {by}", [d[5:] for d in days], stacks, y_format=usd)
-    totals = (await spend_today(state)).get(by) or {}
+    totals = {k: _totals(t) for k, t in sorted(per_day[-1].items())}  # today's
     head = (
         "<tr><th>name</th><th class=n>requests</th><th class=n>prompt</th>"
         "<th class=n>completion</th><th class=n>USD</th></tr>"
@@ -186,7 +185,7 @@ async def spend_fragment(state: GatewayState, by: str) -> str:
 
 
 async def log_fragment(state: GatewayState, route: str | None, status: str) -> str:
-    log = getattr(state, "request_log", None)
+    log = state.request_log
     if log is None:
         return "<p class=note>request log disabled</p>"
     data = await log.recent(LOG_LIMIT, route=route or None, status=status)
@@ -278,14 +277,14 @@ async def shell(
     )
     groups = " ".join(
         f"<a class='{'on' if g == by else ''}' href='?{urlencode({'span': span, 'by': g})}'>{g}</a>"
-        for g in ("route", "model", "client")
+        for g in USAGE_GROUPS
     )
     route_options = "<option value=''>all routes</option>" + "".join(
         f"<option value='{_e(r.id)}'{' selected' if r.id == route else ''}>{_e(r.id)}</option>"
         for r in state.catalog.routes()
     )
     status_options = "".join(
-        f"<option{' selected' if s == status else ''}>{s}</option>" for s in ("all", "ok", "error")
+        f"<option{' selected' if s == status else ''}>{s}</option>" for s in STATUS_FILTERS
     )
     log_query = {"route": route or "", "status": status}
     body = (

@@ -37,8 +37,6 @@ from uvicorn.server import ServerState
 from gateway.api.connection_watch import CONNECTION, RECEIVED_AT, ConnectionWatch
 from gateway.api.server_limits import NEVER_SHED, ServerLimits, raw_response, shed_app
 
-log = logging.getLogger("gateway.server")
-
 # What the limits did in this process (all servers in it): /metrics shows them.
 SERVER_EVENTS: Counter[str] = Counter()
 SERVER_EVENT_NAMES = (
@@ -177,7 +175,7 @@ class GatewayHttpProtocol(ConnectionWatch, HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
-        self._lost = True
+        self._lost = True  # before uvicorn's own close: no watch may be added from here on
         super().connection_lost(exc)
         self.notify_lost()  # the requests watching for a hang-up (connection_watch.py)
 
@@ -380,6 +378,10 @@ def ensure_open_files(limits: ServerLimits) -> int:
     return int(soft)
 
 
+def access_log_enabled(log_level: str) -> bool:
+    return log_level.lower() in ("info", "debug", "trace")
+
+
 def uvicorn_options(settings: Any) -> dict[str, Any]:
     """uvicorn.run / uvicorn.Config keyword arguments for the gateway (besides app, host, port);
     raises the open-file limit the server limits need (ensure_open_files)."""
@@ -391,6 +393,6 @@ def uvicorn_options(settings: Any) -> dict[str, Any]:
         "log_level": settings.log_level,
         # uvicorn builds every access-log line's arguments before the logger checks its level:
         # when the level hides INFO, nothing would be written, so leave the work undone.
-        "access_log": settings.log_level.lower() in ("info", "debug", "trace"),
+        "access_log": access_log_enabled(settings.log_level),
         "backlog": max(2048, limits.max_connections),
     }

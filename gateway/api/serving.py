@@ -29,22 +29,20 @@ import os
 from pathlib import Path
 from typing import Any
 
+from gateway.api.http_server import access_log_enabled
+from gateway.api.http_server import uvicorn_options as server_options
 from gateway.settings import Settings
+
+__all__ = ["access_log_enabled", "serve", "shared_state_warning", "uvicorn_options", "worker_app"]
 
 log = logging.getLogger("gateway.serve")
 
 WORKER_APP = "gateway.api.serving:worker_app"
 
 
-def access_log_enabled(log_level: str) -> bool:
-    return log_level.lower() in ("info", "debug", "trace")
-
-
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
     """The uvicorn options `gateway serve` uses, one process or many: the hardened protocol
     with the server limits from settings (http_server.uvicorn_options), host and port."""
-    from gateway.api.http_server import uvicorn_options as server_options
-
     options = {"host": settings.host, "port": settings.port, "timeout_graceful_shutdown": 10}
     options.update(server_options(settings))
     return options

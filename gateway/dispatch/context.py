@@ -35,8 +35,7 @@ class RequestContext:
     started: float  # time.perf_counter() when the request's first bytes were read
     want_usage: bool = False  # stream_options.include_usage from the client
     debug: bool = False  # put the attempts trail in the answer
-    upstream_s: float = 0.0  # time spent waiting on upstreams (attempts and backoff)
-    backoff_s: float = 0.0  # of which backoff sleeps (the retry budget)
+    backoff_s: float = 0.0  # time in backoff sleeps (the retry budget)
     trail: list[dict[str, Any]] = field(default_factory=list)
     # time blocked on upstream sockets, up to each wait's data arrival (providers/upstream_wait)
     wait: WaitMeter = field(default_factory=WaitMeter)

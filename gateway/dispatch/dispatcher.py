@@ -280,8 +280,6 @@ class Dispatcher:
             raise
         except Exception as exc:
             raise self._internal_failure(route, ctx, started, exc) from None
-        finally:
-            ctx.upstream_s += time.perf_counter() - started
         usage = result.body.get("usage")
         completion = usage.get("completion_tokens") if isinstance(usage, dict) else None
         self.record_attempt(
@@ -326,8 +324,6 @@ class Dispatcher:
             if isinstance(exc, Exception) and not isinstance(exc, RequestNotEncodable):
                 raise self._internal_failure(route, ctx, started, exc) from None
             raise
-        finally:
-            ctx.upstream_s += time.perf_counter() - started
         model = self.catalog.models[route.model]
         ttft = time.perf_counter() - started
         return OpenedStream(route, model, stream, chunks, head, request.body, started, ttft)

@@ -67,7 +67,6 @@ class RetryPolicy:
 
         async def sleep(seconds: float) -> None:
             ctx.backoff_s += seconds
-            ctx.upstream_s += seconds
             await asyncio.sleep(seconds)
 
         def wait(state: RetryCallState) -> float:

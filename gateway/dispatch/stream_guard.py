@@ -118,13 +118,14 @@ class StreamGuard:
                     error = exc
             if held:
                 yield b"".join(held)
-            if error is not None and not self._answer_complete() and not self.continuable():
-                # The failed attempt is recorded and the client told at once; counting what
-                # was served (it may take a moment) waits for aclose(), after the response.
+            if error is not None and not self._answer_complete() and not self._keep_text:
+                # Not continuable (or served too much to re-send): the failed attempt is
+                # recorded and the client told at once; counting what was served (it may take
+                # a moment) waits for aclose(), after the response.
                 await quietly_close(seg.stream)
                 self._record_segment_attempt(error, self._seg_text.total_estimate())
+                self._failed = error  # before the yield: a hang-up there still ends it failed
                 yield self._interrupted(error)
-                self._failed = error
                 return
             await self._end_segment(error)
             if error is None or self._answer_complete():

@@ -164,9 +164,10 @@ class FactsCache:
         self._shapes: dict[Any, ModelFacts] = {}
 
     def get(self, key: Any, build: Callable[[], ModelFacts]) -> ModelFacts:
-        if self._generation != self._prices.generation:
+        generation = self._prices.generation
+        if self._generation != generation:
             self._shapes.clear()
-            self._generation = self._prices.generation
+            self._generation = generation
         found = self._shapes.get(key)
         if found is None:
             found = build()

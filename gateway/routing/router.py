@@ -365,12 +365,10 @@ class Router:
         eligible: list[RankedRoute] = []
         for f in facts:
             route = f.route
-            reason = f.preference_skip
-            if f.output_error is None and reason is None:
+            unavailable = None  # asked only when nothing before it rules the route out
+            if f.output_error is None and f.preference_skip is None:
                 unavailable = f.unavailable if f.static_unavailable else self.unavailable(route)
-                reason = combine(None, None, unavailable, f.later_skip)
-            elif f.output_error is not None:
-                reason = combine(f.output_error, None, None, None)
+            reason = combine(f.output_error, f.preference_skip, unavailable, f.later_skip)
             if reason is not None:
                 plan.skipped[route.id] = reason
                 continue

@@ -83,3 +83,28 @@ def test_price_book_uses_the_measured_price_below_an_admin_override(catalog: Any
     assert book.effective(route) == (measured, measured)
     asyncio.run(book.set(route.id, 0.5, 0.6))
     assert book.effective(route) == (0.5, 0.6)
+
+
+def test_the_router_plans_with_the_new_measured_price_at_once(catalog: Any) -> None:
+    """The router caches route facts (prices included) per request shape: a measured local
+    price that moves must reach its ranking and max_price filter, not only the accountant."""
+    from tests.gateway.routing_fixtures import make_router
+
+    now = [0.0]
+    provider = FakeLocal(by_batch(b4=(100.0, 64)))
+    feed = LocalPriceFeed(catalog, {"local": provider}, refresh_s=5.0, clock=lambda: now[0])
+    book = PriceBook(catalog)
+    book.measured, book.measured_version = feed.price, feed.version
+    router = make_router(catalog, available={"lepton", "local"}, prices=book)
+    route = local_route(catalog)
+
+    def ranked_price() -> float:
+        ranked = router.rank("wizardlm-2-8x22b", prompt_tokens=100, max_tokens=10)
+        return next(e.input_price for e in ranked if e.route.id == route.id)
+
+    first = ranked_price()
+    assert first == pytest.approx(feed.price(route)[0])  # type: ignore[index]
+    provider.throughput = by_batch(b4=(400.0, 64))  # four times the throughput
+    now[0] = 6.0
+    assert ranked_price() == pytest.approx(first / 4)
+    assert ranked_price() == pytest.approx(book.effective(route)[0])

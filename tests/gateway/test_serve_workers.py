@@ -10,7 +10,7 @@ from pathlib import Path
 
 import httpx
 
-from gateway.api.serving import access_log_enabled, shared_state_warning
+from gateway.api.serving import access_log_enabled, shared_state_warning, uvicorn_options
 from gateway.settings import Settings
 from gateway.stats import make_stats
 from tests.fakes.upstream import FakeUpstreams
@@ -130,3 +130,4 @@ def test_default_log_level_leaves_the_access_log_off() -> None:
     settings = Settings()
     assert settings.log_level == "warning" and not access_log_enabled(settings.log_level)
     assert access_log_enabled("INFO") and access_log_enabled("debug")
+    assert uvicorn_options(settings)["access_log"] is False  # what `gateway serve` passes

@@ -31,6 +31,9 @@ def test_an_event_over_the_limit_is_refused_before_it_is_held() -> None:
     decoder = SSEDecoder(max_event_bytes=1024)
     with pytest.raises(EventTooLarge):  # many short data lines of one event count together
         decoder.feed(b"data: " + b"y" * 600 + b"\ndata: " + b"y" * 600 + b"\n")
+    decoder = SSEDecoder(max_event_bytes=1024)
+    with pytest.raises(EventTooLarge):  # a whole event in one read, the decoder's short way
+        decoder.feed(b"data: " + b"z" * 2000 + b"\n\n")
 
 
 def test_a_line_split_into_many_reads_is_joined_once() -> None:
@@ -41,6 +44,8 @@ def test_a_line_split_into_many_reads_is_joined_once() -> None:
     for i in range(0, len(wire), 7):  # 7-byte reads, CR LF split across two of them too
         events += decoder.feed(wire[i : i + 7])
         assert len(decoder._pending) <= i // 7 + 1  # pieces kept, never re-joined per read
+        if b"\r" not in wire[: i + 7]:  # still the one unterminated line: a piece per read
+            assert len(decoder._pending) == i // 7 + 1
     assert events == [payload]
 
 
