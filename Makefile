@@ -59,9 +59,8 @@ test: lint typecheck pytest test-local-minimal
 
 # The heavy fault-suite variants (marker faults_heavy): the fault matrix at the issue's sizes
 # (200 MB bodies, 500 MB gzip bombs, 300 MB SSE lines), more fuzz examples, more hostile
-# sockets. Kept out of `make test` (which runs the same faults, smaller).
+# sockets. Kept out of `make test`, which runs the same faults at small sizes.
 test-faults: $(VENV)/.dev-installed redis
-	$(BIN)/pytest -q tests/gateway/test_fault_matrix.py
 	$(BIN)/pytest -q -m faults_heavy $(PYTEST_ARGS)
 
 bench-request-path: $(VENV)/.dev-installed

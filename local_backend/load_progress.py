@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import sys
-import threading
 import time
 from typing import Any, Literal
 
@@ -120,14 +119,12 @@ class LoadState:
         self.progress = progress or LoadProgress()
         self.phase: LoadPhase = "loading"
         self.reason: str | None = None
-        self.failed = threading.Event()
 
     def ready(self) -> None:
         self.phase = "ready"
 
     def fail(self, reason: str) -> None:
         self.reason, self.phase = reason, "failed"
-        self.failed.set()
 
     def as_json(self) -> dict[str, Any]:
         body: dict[str, Any] = {"status": self.phase}

@@ -147,7 +147,7 @@ def load_service(
     A `max_seq_len` beyond the model's context is clamped to it (with a warning): the
     gateway's LOCAL_MAX_SEQ_LEN default must not refuse a model with a shorter context.
     `aliases` are further model names the service answers to (the catalog's ids).
-    `model_loader` replaces load_model (same arguments but `progress`), e.g. rank 0's shard of
+    `model_loader` replaces load_model (same arguments), e.g. rank 0's shard of
     a model over several GPUs (parallel_serve.RankLaunch.load_leader_model)."""
     model_dir = Path(model_dir)
     device = torch.device(device or default_device())
@@ -168,8 +168,9 @@ def load_service(
         )
     if model_loader is not None:
         model = model_loader(
-            model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend
-        )
+            model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend,
+            progress=progress,
+        )  # fmt: skip
     else:
         model = load_model(
             model_dir, device, dtype, seq_len, max_slots, weight_format, kernel_backend,

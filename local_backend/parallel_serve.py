@@ -35,7 +35,8 @@ import torch.distributed as dist
 from local_backend import memory_plan
 from local_backend.config import ModelConfig
 from local_backend.kv_cache import KVCache
-from local_backend.loader import plan_memory
+from local_backend.load_progress import LoadProgress
+from local_backend.loader import default_device, plan_memory
 from local_backend.model import Transformer
 from local_backend.parallel import (
     ParallelContext,
@@ -77,9 +78,11 @@ def load_rank_model(
     max_seq_len: int,
     max_slots: int,
     weight_format: str | None = None,
+    progress: bool | LoadProgress = False,
 ) -> Transformer:
     """This rank's shard of the model in `model_dir`, planned first (DoesNotFitError before
-    reading any weight), quantized as it loads when the plan says so; torch kernels."""
+    reading any weight), quantized as it loads when the plan says so; torch kernels.
+    `progress`: rank 0's load shows on /readyz and the terminal (the followers' do not)."""
     config = ModelConfig.from_model_dir(model_dir)
     parallel.check(config)
     plan = plan_rank(config, device, dtype, max_seq_len, max_slots, parallel.world_size,
@@ -95,7 +98,7 @@ def load_rank_model(
         quantizer = LoadQuantizer(fmt.name)
     model = Transformer.from_config(config, device="meta", dtype=dtype, parallel=parallel)
     load_weights(model, model_dir, device=device, dtype=dtype, transform=quantizer,
-                 progress=False, split_for=parallel.tensor_split)  # fmt: skip
+                 progress=progress, split_for=parallel.tensor_split)  # fmt: skip
     if quantizer is not None:
         # The torch backend: its quantized MoE loops over this rank's experts through the
         # module's route(); fused_moe has no expert range yet (docs/multi_gpu.md).
@@ -220,13 +223,14 @@ class RankLaunch:
         max_slots: int,
         weight_format: str | None = None,
         kernel_backend: str | None = None,
+        progress: bool | LoadProgress = True,
     ) -> StepLeader:
         """Rank 0's shard, wrapped so that every forward reaches the followers: what
         load_service takes as its `model_loader` (loader.load_model's arguments)."""
         if kernel_backend == "triton":
             raise ValueError("--kernels triton does not run over several ranks yet; use torch")
         model = load_rank_model(model_dir, self.parallel, device, dtype, max_seq_len,
-                                max_slots, weight_format)  # fmt: skip
+                                max_slots, weight_format, progress)  # fmt: skip
         return StepLeader(model)
 
     def follow(self) -> int:
@@ -273,7 +277,7 @@ class CloseRanksOnShutdown:
 
 def launch_from_args(args: argparse.Namespace, seq_len: int, dtype: torch.dtype) -> RankLaunch:
     """Spawn the ranks (--tensor-parallel N) or join torchrun's, from `serve`'s arguments."""
-    device_type = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device_type = torch.device(args.device or default_device())
     options = RankOptions(
         model_dir=args.model_dir,
         device_type=device_type.type,

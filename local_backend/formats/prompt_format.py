@@ -6,8 +6,8 @@ text that the tokenizer encodes on its own -- SentencePiece adds its dummy-prefi
 segment, as mistral-common does for each message and Hugging Face's (legacy) Llama tokenizer
 does after each special token. The local backend (`local_backend/chat_format.py`, exact ids)
 and the gateway's counter (`gateway/routing/tokens.py`) encode these same segments, which is why the
-gateway's count equals the backend's prompt length; this module lives in the gateway package
-because the gateway must not import local_backend (torch).
+gateway's count equals the backend's prompt length; it lives with the model, torch-free, so
+the light gateway install imports it (local_backend/formats/__init__.py).
 
 Formats (chosen by `format_for_model`):
 

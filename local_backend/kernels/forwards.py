@@ -143,8 +143,9 @@ def fuse_qkv(attention: Any) -> None:
     GEMVs too small to fill the GPU on their own. Quantized projections must already hold
     dense_quant's layout (install sets the backend first). Mixed kinds stay unfused.
     """
-    if "qkv" in attention.__dict__:
-        return
+    # Always rebuilt: a fused weight from before the projections changed (quantized after a
+    # first install) would keep serving the old weights at decode and their memory.
+    unfuse_qkv(attention)
     parts = [attention.wq, attention.wk, attention.wv]
     bounds, start = [], 0
     for part in parts:

@@ -100,7 +100,9 @@ def _launch_packed(
         blocks = cdiv(sorted_ids.numel(), config.block_m)
     use_dot = config.block_m >= 16 and width >= 16 and config.block_n >= 16
     w3 = weight3 if weight3 is not None else weight
-    block_p = max(64, _pow2(num_pairs))  # one compile serves every M <= 32 (top-2)
+    # one compile serves every M <= 32 (top-2); the aligned route never reads BLOCK_P, so a
+    # fixed value there keeps prefill from compiling the kernel again per power of two of M
+    block_p = max(64, _pow2(num_pairs)) if routing is None else 64
     grid = (cdiv(n, config.block_n) * split, blocks)
     packed_kernels.packed_moe_kernel[grid](
         a, weight.codes, w3.codes, weight.scales, w3.scales, out,

@@ -202,3 +202,18 @@ def test_install_fuses_qkv_into_views(fmt: str) -> None:
     after = [attention.wq(x), attention.wk(x), attention.wv(x)]
     for a, b in zip(after, before, strict=True):
         assert torch.equal(a, b)
+
+
+@requires_triton
+def test_quantizing_after_a_triton_install_refuses_the_stale_fused_weight() -> None:
+    """install(triton) fuses the float q/k/v; quantizing afterwards (quantize-at-load reinstalls
+    the backend it finds) must fuse the quantized projections, never keep the float copy."""
+    model = tiny_model()
+    install(model, "triton")
+    attention = cast(Attention, model.layers[0].attention)
+    assert isinstance(attention.__dict__["qkv"], torch.Tensor)
+    quantize_model(model, "int4", backend="triton")
+    fused = attention.__dict__["qkv"]
+    assert isinstance(fused, dq.DenseQuantWeight)
+    assert isinstance(attention.wq, QuantizedLinear)
+    assert attention.wq.qweight.data_ptr() == fused.codes.data_ptr()
