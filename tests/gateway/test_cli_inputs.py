@@ -22,6 +22,7 @@ from gateway.settings import HOSTED_PROVIDERS
 from gateway.stats import make_stats
 from gateway.stats.base import Attempt
 from tests.gateway.routing_fixtures import (
+    DEEPINFRA,
     LEPTON,
     OPENROUTER,
     REDIS_URL,
@@ -184,6 +185,10 @@ def test_cheapest_traffic_share_is_the_servers_split(in_process: Any) -> None:
     shares = {r["route"]: r["traffic_share"] for r in json.loads(out)["routes"]}
     assert sum(shares.values()) == pytest.approx(1.0)
     assert shares[OPENROUTER] == 0.0  # no key: no traffic
+    # exactly the server's split for the CLI's own routes and token mix (max_tokens unset)
+    server = make_router(available={"lepton", "deepinfra"}).traffic_shares(WIZARD, 2000, None)
+    assert {r: s for r, s in shares.items() if s} == pytest.approx(server)
+    assert shares[LEPTON] > shares[DEEPINFRA] > 0  # cheaper gets more, both get some
     # the server's own planner, sampled: how often each route is tried first
     router = make_router(available={"lepton", "openrouter"}, seed=7)
     expected = router.traffic_shares(WIZARD, 2000, 500)

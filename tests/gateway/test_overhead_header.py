@@ -105,8 +105,10 @@ async def test_blocked_on_counts_a_whole_await_and_nothing_outside_a_request() -
     await blocked_on(asyncio.sleep(0.05))
     assert meter.blocked_s >= 0.045
     CURRENT.set(None)
+    first = meter.blocked_s
     await blocked_on(asyncio.sleep(0.01))  # no meter: no error, nothing counted
     assert meter.blocked_s < 0.2
+    assert meter.blocked_s == first  # not even on the meter that was current before
 
 
 @pytest.mark.parametrize("server_http", [GatewayHttpProtocol, "httptools"])

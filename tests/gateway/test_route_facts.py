@@ -89,6 +89,22 @@ def test_plans_match_a_fresh_evaluation_cold_and_warm(provider: dict[str, Any] |
         assert isinstance(novita, NotConfigured) or "provider." in novita
 
 
+def test_one_router_serving_every_preference_in_turn_plans_each_right() -> None:
+    """The facts cache is keyed by the `provider` object too: plans for different preferences
+    from one warm router must never borrow each other's facts."""
+    available = {"lepton", "deepinfra", "openrouter"}
+    router = make_router(real_catalog(), available=available, seed=3)
+    for _, extra, provider in itertools.product(range(2), EXTRAS, PREFS):
+        body = chat(provider=provider, **extra) if provider else chat(**extra)
+        want = expected_skips(router, body, available)
+        try:
+            plan = router.plan(body)
+        except Exception as exc:
+            assert len(want) == len(router.resolve(WIZARD).routes), exc
+            continue
+        assert {k: v for k, v in plan.skipped.items() if "first choice only" not in v} == want
+
+
 async def test_a_price_change_reaches_a_warm_cache_at_once() -> None:
     catalog = real_catalog()
     prices = PriceBook(catalog)

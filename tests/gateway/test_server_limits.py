@@ -230,11 +230,16 @@ def test_a_slow_but_timely_client_and_a_long_stream_are_not_cut(
 
 def test_keep_alive_requests_spaced_out_are_each_served(start_hardened: Any) -> None:
     server = start_hardened()
+    ports = set()  # the client's end of the connection: one port if it was kept alive
     with httpx.Client(base_url=server.url, timeout=10) as client:
         for _ in range(3):
-            assert client.get("/livez").status_code == 200
+            response = client.get("/livez")
+            assert response.status_code == 200
+            ports.add(response.extensions["network_stream"].get_extra_info("client_addr")[1])
             time.sleep(HEADER_TIMEOUT_S * 0.6)  # idle less than keep-alive, more than half a head
         assert client.get("/livez").status_code == 200
+    # httpx would silently reconnect to a server that dropped the connection: check it did not
+    assert len(ports) == 1
 
 
 def test_connections_over_the_limit_get_503_with_retry_after(start_hardened: Any) -> None:

@@ -94,6 +94,9 @@ def test_completions_stream_gets_no_role(gateway: Gateway, upstreams: FakeUpstre
         )
     )
     assert chunks and all("role" not in (c.choices[0].model_extra or {}) for c in chunks)
+    # a synthesised role chunk would carry a `delta` (and no text): completions have neither
+    assert all("delta" not in (c.choices[0].model_extra or {}) for c in chunks)
+    assert all(isinstance(c.choices[0].text, str) for c in chunks)
     assert "".join(c.choices[0].text for c in chunks) == "Hello from lepton!"
 
 

@@ -44,6 +44,7 @@ def test_prefill_flops() -> None:
     experts = 2 * 4096 * 2 * 3 * config.dim * config.intermediate
     assert experts == pytest.approx(4.95e12, rel=0.01)
     assert prefill_flops(config, 4096) > 4096 * one  # plus the causal attention
+    assert prefill_flops(config, 4096) >= config.n_layers * experts
 
 
 def test_first_layers_shares_weights() -> None:

@@ -74,9 +74,12 @@ async def test_kv_cache_use_while_a_request_runs(service: OpenAIService) -> None
 
     engine = service.engine
     stream = engine.submit(GenerationRequest([1, 415, 5565, 302], 50, ignore_eos=True))
+    checked = False
     async with stream:
         async for _ in stream:
             cached, size = engine.kv_cache_use()
             assert size == 2 * 128
             assert 4 <= cached <= 4 + 50
+            checked = True
             break
+    assert checked  # the stream produced a token: the checks above ran
