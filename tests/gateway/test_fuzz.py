@@ -11,6 +11,7 @@ heavy profile (marker `faults_heavy`).
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 from collections.abc import Iterator
@@ -154,11 +155,14 @@ requests = request_strategy()
 
 
 def check_one(client: httpx.Client, path: str, body: bytes) -> None:
+    served = getattr(client, "statuses", None)  # the run's tally (fuzz_gateway)
     with client.stream(
         "POST", path, content=body, headers={"content-type": "application/json"}
     ) as response:
         raw = response.read()
     assert response.status_code < 500, (response.status_code, raw[:400], body[:400])
+    if served is not None:
+        served[response.status_code] += 1
     if response.status_code >= 400:
         error = json.loads(raw)["error"]
         assert isinstance(error["message"], str) and error["message"]
@@ -173,10 +177,16 @@ def check_one(client: httpx.Client, path: str, body: bytes) -> None:
 def fuzz_gateway(upstreams: FakeUpstreams, stopping: list[ServerThread]) -> Iterator[httpx.Client]:
     gateway_config = gateway_settings(upstreams)
     server = served_like_cli(create_app(gateway_config), gateway_config).start()
+    statuses: collections.Counter[int] = collections.Counter()
     with httpx.Client(base_url=server.url, timeout=20) as client:
+        client.statuses = statuses  # type: ignore[attr-defined]
         yield client
     server.stop(wait=False)
     stopping.append(server)
+    # The plausible bodies must reach the serving path: a gateway that refused every request
+    # with a 4xx would pass each example on its own.
+    if statuses:
+        assert statuses[200] >= sum(statuses.values()) // 10, statuses
 
 
 FUZZ_SETTINGS = {
