@@ -174,14 +174,19 @@ class ProcessCPU:
         return found
 
     def seconds(self) -> float | None:
-        total = 0.0
+        per_pid = self.per_pid()
+        return None if per_pid is None else sum(per_pid.values())
+
+    def per_pid(self) -> dict[int, float] | None:
+        """CPU seconds of each process (the first: the one given; then its children)."""
+        found: dict[int, float] = {}
         try:
             for pid in self.pids():
                 fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
+                found[pid] = (int(fields[11]) + int(fields[12])) / self.tick  # utime + stime
         except (OSError, IndexError):
             return None
-        return total
+        return found
 
 
 def pin(cpus: str | None) -> list[str]:
@@ -189,3 +194,18 @@ def pin(cpus: str | None) -> list[str]:
     if cpus is None or shutil.which("taskset") is None:
         return []
     return ["taskset", "-c", cpus]
+
+
+def cpu_set(cpus: str) -> set[int]:
+    """ "0", "1-3", "0,2" -> {0}, {1, 2, 3}, {0, 2}."""
+    found: set[int] = set()
+    for part in cpus.split(","):
+        low, _, high = part.partition("-")
+        found.update(range(int(low), int(high or low) + 1))
+    return found
+
+
+def repin(pid: int, cpus: str) -> None:
+    """Move a running process, every thread of it, onto `cpus` (taskset -a -p)."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpu_set(cpus))

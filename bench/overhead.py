@@ -7,11 +7,18 @@
 Processes: a fake upstream (tests/fakes/upstream.py, Lepton's dialect, answering at once; a
 50-chunk stream), the gateway exactly as `gateway serve` runs it (in-memory stats, only the
 Lepton route configured), and the load generators of bench/loadgen.py: a raw-socket client for
-the sequential cases, `wrk` for the concurrent ones. Core layout (stated in the report): the
-gateway alone on core 0; the upstream, the client and wrk on the other cores; for the
-`--workers 2` case the gateway may use cores 0 and 1. Each case runs every target in
-alternation (sequential: request by request; wrk: round by round), so drift in the machine's
-load hits all alike, and reports ratios from the same run.
+the sequential cases, `wrk` for the concurrent ones. Core layouts (stated in the report):
+  * sequential, "one core": the gateway, the upstream and the client all on core 0. Each
+    request's steps run one after another on that core, so "added" is the gateway's own path
+    (its CPU and two context switches), with no wake-up of an idle core in it;
+  * sequential, "client on another core": the gateway alone on core 0, the upstream and the
+    client on core 1. Through the gateway a request then wakes an idle core four times, directly
+    never (the client and the upstream share core 1): on a VM each such wake-up of an idle
+    vCPU costs tens of µs and cold caches, which the added figure then includes;
+  * concurrent: the gateway alone on core 0; the upstream and wrk on the other cores; for the
+    `--workers 2` case the gateway may use cores 0 and 1.
+Each case runs every target in alternation (sequential: request by request; wrk: round by
+round), so drift in the machine's load hits all alike, and reports ratios from the same run.
 
 Figures: latency p50/p99 (request sent -> last byte; for streams also the first byte), "added"
 = gateway - direct; the median of per-pair differences (each gateway request beside the direct
@@ -40,13 +47,16 @@ from doc_section import write_section  # noqa: E402  (bench/ is the script's pat
 from loadgen import (  # noqa: E402
     ProcessCPU,
     RawClient,
+    cpu_set,
     encode_post,
     header,
     pin,
+    repin,
     run_wrk,
     status,
     wrk_available,
 )
+from overhead_report import cpu_name, render_concurrent, render_sequential  # noqa: E402
 
 START, END = "<!-- overhead:start -->", "<!-- overhead:end -->"
 MODEL, SLUG = "wizardlm-2-8x22b", "wizardlm-2-8x22b"  # our id, Lepton's slug
@@ -220,57 +230,6 @@ def concurrent(
 # -- the report -----------------------------------------------------------------------------------
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _f(value: float | None, unit: str = " ms", digits: int = 2) -> str:
-    return "" if value is None else f"{value:.{digits}f}{unit}"
-
-
-def render_sequential(title: str, rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
-    direct = rows["direct"]
-    out = [
-        f"**{title}**",
-        "",
-        "| target | p50 | p99 | added p50 | added, median of pairs | first byte added p50 "
-        "| own time (header) p50 | CPU per request |",
-        "|---|---|---|---|---|---|---|---|",
-        f"| direct | {_f(direct['p50'])} | {_f(direct['p99'])} | | | | | |",
-    ]
-    for name in names:
-        r = rows[name]
-        out.append(
-            f"| {name} | {_f(r['p50'])} | {_f(r['p99'])} | **{_f(r['p50'] - direct['p50'])}** "
-            f"| {_f(r['paired_added_p50'])} | {_f(r['first_p50'] - direct['first_p50'])} "
-            f"| {_f(r['own_p50'], digits=3)} | **{_f(r['cpu_ms'], digits=3)}** |"
-        )
-    return [*out, ""]
-
-
-def render_concurrent(title: str, rows: dict[str, dict[str, float]], names: list[str]) -> list[str]:
-    out = [
-        f"**{title}**",
-        "",
-        "| target | req/s | x direct | p50 | p99 | CPU per request | errors |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for name in ["direct", *names]:
-        r = rows[name]
-        out.append(
-            f"| {name} | **{r['rps']:.0f}** | {r['rps'] / rows['direct']['rps']:.2f} "
-            f"| {_f(r['p50'])} | {_f(r['p99'])} | {_f(r.get('cpu_ms'), digits=3)} "
-            f"| {r['errors']:.0f} |"
-        )
-    return [*out, ""]
-
-
 def render(sections: list[str], args: argparse.Namespace, layout: str) -> str:
     when = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -317,12 +276,14 @@ def main() -> None:
     workers_cpus = ("0,1" if cores >= 2 else None) if cores < 4 else "0,1"
     rest = f"2-{cores - 1}" if cores >= 4 else others
     layout = (
-        f"Core layout: gateway pinned to core {gateway_cpus}; upstream, raw-socket client and "
-        f"wrk on core(s) {others}; the `--workers 2` case: gateway on cores {workers_cpus}, "
+        f'Core layouts: sequential "one core": gateway, upstream and client all on core '
+        f'{gateway_cpus}; sequential "client on another core": gateway on core {gateway_cpus}, '
+        f"upstream and client on {others}; concurrent: gateway on core {gateway_cpus}, upstream "
+        f"and wrk on {others}; the `--workers 2` case: gateway on cores {workers_cpus}, "
         f"upstream and wrk on {rest}"
         + (" (with 2 cores, shared with the gateway's workers)." if cores < 4 else ".")
     )
-    os.sched_setaffinity(0, {int(c) for c in (others or "0").replace("-", ",").split(",")})
+    os.sched_setaffinity(0, cpu_set(others or "0"))
     upstream_port = free_port()
     role = ["--role", "upstream", "--port", str(upstream_port)]
     upstream = Server(
@@ -343,11 +304,18 @@ def main() -> None:
         servers += gateways
         names = [g.name for g in gateways]
         sections: list[str] = []
-        for stream in (False, True):
-            kind = "stream" if stream else "non-stream"
-            rows = sequential(upstream_port, gateways, stream, args.requests)
-            print(kind, json.dumps(rows), flush=True)
-            sections += render_sequential(f"Sequential, {kind}, one core", rows, names)
+        for shared, title in ((True, "one core"), (False, "client on another core")):
+            # `shared`: the gateway, the upstream and this client all on the gateway's core
+            if gateway_cpus is not None and others is not None:
+                for server in servers:
+                    home = others if server is upstream and not shared else gateway_cpus
+                    repin(server.process.pid, home)
+                os.sched_setaffinity(0, cpu_set(gateway_cpus if shared else others))
+            for stream in (False, True):
+                kind = "stream" if stream else "non-stream"
+                rows = sequential(upstream_port, gateways, stream, args.requests)
+                print(title, kind, json.dumps(rows), flush=True)
+                sections += render_sequential(f"Sequential, {kind}, {title}", rows, names)
         if wrk_available():
             for stream in (False, True):
                 kind = "stream" if stream else "non-stream"
@@ -377,14 +345,28 @@ def workers_case(
     one = start_gateway("1 worker", ROOT, upstream_port, cpus)
     two = start_gateway("2 workers", ROOT, upstream_port, cpus, workers=2)
     try:
+        before = two.cpu.per_pid() or {}
         rows = concurrent(upstream_port, [one, two], False, args.seconds, args.rounds, wrk_cpus)
+        after = two.cpu.per_pid() or {}
     finally:
         one.stop()
         two.stop()
     print("workers", json.dumps(rows), flush=True)
     ratio = rows["2 workers"]["rps"] / rows["1 worker"]["rps"]
     title = f"`--workers 2` vs one worker, non-stream, gateway on cores {cpus}: {ratio:.2f}x"
-    return render_concurrent(title, rows, ["1 worker", "2 workers"])
+    out = render_concurrent(title, rows, ["1 worker", "2 workers"])
+    # Each keep-alive connection stays with the worker that accepted it: the busiest worker's
+    # share of the work bounds what two free cores could give (1 / share).
+    used = sorted((after[p] - before.get(p, 0.0) for p in list(after)[1:]), reverse=True)[:2]
+    if len(used) == 2 and sum(used) > 0:
+        share = used[0] / sum(used)
+        out += [
+            f"The busiest worker did {share:.0%} of the two workers' CPU work (the split of wrk's "
+            f"{CONNECTIONS} connections between them): with two free cores, at most "
+            f"{1 / share:.2f}x one worker.",
+            "",
+        ]
+    return out
 
 
 if __name__ == "__main__":

@@ -137,6 +137,9 @@ class Settings(BaseSettings):
     server_max_inflight_requests: int = Field(512, ge=1)  # per process: 503 + Retry-After
     server_retry_after_s: int = Field(1, ge=1)  # the Retry-After of those 503s
     workers: int = Field(1, ge=1)  # gateway processes; share their state through REDIS_URL
+    # Python's young-generation GC threshold in a served process (0: Python's default, 700);
+    # the startup objects are frozen out of every collection (api/gc_tuning.py).
+    gc_gen0_threshold: int = Field(10_000, ge=0)
 
     @model_validator(mode="before")
     @classmethod

@@ -30,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from gateway.accounting import Accountant, EstimateCounter, default_counter
 from gateway.api import admin, admin_dashboard, catalog_routes, health, openai_routes
 from gateway.api.auth import ClientKeys
+from gateway.api.gc_tuning import tune_gc
 from gateway.api.startup_report import log_route_summary
 from gateway.api.state import GatewayState, build_router, make_prices
 from gateway.catalog import load_configured_catalog
@@ -114,6 +115,8 @@ class GatewayApp(FastAPI):
     # answers through __getattr__, after a failed lookup (an AttributeError) each time.
     gateway_state: GatewayState | None = None
     client_keys: ClientKeys | None = None
+    # Set by `gateway serve` for the app it runs (gc_tuning.py): never for apps built in tests.
+    tune_gc: bool = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST":
@@ -125,7 +128,7 @@ class GatewayApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, *, counter: Any = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, counter: Any = None) -> GatewayApp:
     """`counter`: a token counter for usage fallback and exact routing (tests inject one)."""
     settings = settings if settings is not None else Settings()
     catalog = load_configured_catalog(settings)
@@ -182,6 +185,8 @@ def create_app(settings: Settings | None = None, *, counter: Any = None) -> Fast
             await prices.start()
             if request_log is not None:
                 await request_log.start()
+            if gateway.tune_gc:
+                tune_gc(settings.gc_gen0_threshold)
             try:
                 yield
             finally:

@@ -62,7 +62,9 @@ def worker_app() -> Any:
     """The app of one worker process (uvicorn's factory): settings from the environment."""
     from gateway.api.app import create_app
 
-    return create_app(Settings())
+    app = create_app(Settings())
+    app.tune_gc = True  # this process serves: collector out of the request path
+    return app
 
 
 def serve(
@@ -78,7 +80,9 @@ def serve(
     if settings.workers == 1:
         from gateway.api.app import create_app
 
-        uvicorn.run(create_app(settings), **options)
+        app = create_app(settings)
+        app.tune_gc = True  # this process serves: collector out of the request path
+        uvicorn.run(app, **options)
         return
     warning = shared_state_warning(settings)
     if warning:

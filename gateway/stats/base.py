@@ -108,7 +108,8 @@ class StatsOptions:
     """Tuning shared by both stores (the memory store ignores the Redis-only ones)."""
 
     prefix: str = "moegw:"  # Redis key namespace; use a hash tag ("{moegw}:") on Redis Cluster
-    flush_interval_s: float = 0.5  # how often buffered deltas go to Redis (one pipeline)
+    # how often buffered deltas go to Redis (one pipeline); in memory, fold into the windows
+    flush_interval_s: float = 0.5
     refresh_interval_s: float = 1.0  # how often the health snapshot reloads the recent buckets
     full_refresh_s: float = 10.0  # how often it reloads every bucket of every window
     max_pending: int = (

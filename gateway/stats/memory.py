@@ -1,9 +1,19 @@
 """The in-memory store: used when no REDIS_URL is set (one process, nothing shared).
 
-Records apply at once to the same bucketed windows, circuit state and usage sums the Redis
-store keeps, so both stores answer the same questions the same way; there is nothing to flush.
-Memory is bounded by the windows' retention (30 fine + 96 coarse buckets per route) and by the
-usage days kept (`usage_ttl_days`).
+It keeps the same bucketed windows, circuit state and usage sums the Redis store keeps, so both
+stores answer the same questions the same way. What a record costs on the request path is kept
+small, as in the Redis store's buffer (pending.py):
+  * an attempt's sample is added to one accumulator per (route, fine bucket); the accumulators
+    fold into the route's windows (fine, coarse and hour buckets, and the windows' running
+    sums) once per `flush_interval_s`, on the first record or health read after it is due, and
+    before every read that must be exact (all_health, history, flush);
+  * the circuit (consecutive failures) applies at once, and a route's cached health is dropped
+    only when its circuit changed or its windows folded, so a success on a healthy route does
+    not make the next request rebuild it. A health read therefore sees windows at most
+    `flush_interval_s` old; the circuit, which routing acts on, is never behind.
+Memory is bounded by the windows' retention (30 fine + 96 coarse + 168 hour buckets per route),
+by the usage days kept (`usage_ttl_days`) and, between folds, by one accumulator per route and
+minute.
 """
 
 from __future__ import annotations
@@ -39,14 +49,17 @@ from gateway.stats.usage import (
 from gateway.stats.windows import (
     EMPTY_WINDOWS,
     FINE_S,
+    Bucket,
     LazyWindows,
     RouteWindows,
     bucket_start,
+    sample_of,
     series_keys,
     series_point,
 )
 
 logger = logging.getLogger("gateway.stats")
+_CLOSED = CircuitState()
 MAX_ROUTES = 1024  # route ids come from the catalog; this only guards against a runaway caller
 # cached healths: the routes with history (<= MAX_ROUTES) and as many never-seen ones asked about
 MAX_CACHED_HEALTH = 2 * MAX_ROUTES
@@ -116,6 +129,9 @@ class MemoryStats:
         self._usage: dict[UsageKey, UsageVector] = {}
         # route -> (health, valid from, valid until): dropped on every record of the route
         self._health: dict[str, HealthEntry] = {}
+        # route -> fine bucket start -> what attempts added since the last fold (module doc)
+        self._unfolded: dict[str, dict[int, Bucket]] = {}
+        self._folded_at = -math.inf  # clock time of the last fold
         self._pruned_at = 0
         self.metrics.bind_store(
             pending=lambda: 0,
@@ -130,22 +146,45 @@ class MemoryStats:
         try:
             route = check_route(attempt.route_id)
             at = event_time(attempt.at, self._clock)
-            if route not in self._windows and len(self._windows) >= MAX_ROUTES:
-                raise ValueError("too many distinct routes")
+            if route not in self._windows:
+                if len(self._windows) >= MAX_ROUTES:
+                    raise ValueError("too many distinct routes")
+                self._windows[route] = RouteWindows()
             self.metrics.observe_attempt(attempt)
             if self.observer is not None:
                 self.observer.attempt(attempt)
-            windows = self._windows.get(route)  # (not setdefault: it would build one each time)
-            if windows is None:
-                windows = self._windows[route] = RouteWindows()
-            windows.add_attempt(attempt, at)
-            circuit = self._circuits.get(route) or CircuitState()
-            self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
-            self._health.pop(route, None)
-            self._maybe_prune()
+            minutes = self._unfolded.get(route)
+            if minutes is None:
+                minutes = self._unfolded[route] = {}
+            minute = int(at // FINE_S) * FINE_S
+            delta = minutes.get(minute)
+            if delta is None:
+                delta = minutes[minute] = Bucket()
+            delta.add_sample(sample_of(attempt))
+            circuit = self._circuits.get(route, _CLOSED)
+            if not (attempt.ok and circuit.consecutive_failures == 0):  # else nothing changes
+                self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
+                self._health.pop(route, None)
+            if self._fold_due(self._clock()):
+                self._fold()
         except Exception as exc:  # a stats bug must never fail a request
             self.metrics.record_errors.inc()
             warn_not_recorded("attempt", exc)
+
+    def _fold_due(self, now: float) -> bool:
+        """flush_interval_s has passed since the last fold (or the clock went back past it)."""
+        return not self._folded_at <= now < self._folded_at + self.options.flush_interval_s
+
+    def _fold(self) -> None:
+        """The accumulators into the windows (module doc); their routes' healths rebuild."""
+        now = self._folded_at = self._clock()
+        unfolded, self._unfolded = self._unfolded, {}
+        for route, minutes in unfolded.items():
+            windows = self._windows[route]
+            for minute, delta in minutes.items():
+                windows.add_bucket(minute, delta)
+            self._health.pop(route, None)
+        self._maybe_prune(now)
 
     def record_usage(self, usage: Usage) -> None:
         try:
@@ -164,11 +203,15 @@ class MemoryStats:
 
     def route_health(self, route_id: str) -> RouteHealth:
         """O(1) on the router's hot path: the cached health while the clock is inside the span
-        it holds for (see circuit.health_entry), else rebuilt once."""
+        it holds for (see circuit.health_entry) and no fold is due, else rebuilt once."""
         now = self._clock()
+        if self._unfolded and self._fold_due(now):
+            self._fold()
         entry = self._health.get(route_id)
         if entry is not None and entry[1] <= now < entry[2]:
             return entry[0]
+        if route_id in self._unfolded:
+            self._fold()  # a health built now holds until the next fold: from every record
         return self._build_health(route_id, now)
 
     def _build_health(self, route_id: str, now: float) -> RouteHealth:
@@ -184,9 +227,13 @@ class MemoryStats:
         return entry[0]
 
     def all_health(self) -> list[RouteHealth]:
+        if self._unfolded:
+            self._fold()
         return [self.route_health(route) for route in sorted(self._windows)]
 
     async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
+        if self._unfolded:
+            self._fold()
         keys = series_keys(span, self._clock())
         out: dict[str, list[SeriesPoint]] = {}
         for route in route_ids:
@@ -206,7 +253,8 @@ class MemoryStats:
         return None
 
     async def flush(self) -> None:
-        return None
+        if self._unfolded:
+            self._fold()
 
     async def refresh(self) -> None:
         return None
@@ -225,8 +273,7 @@ class MemoryStats:
     def connected(self) -> bool:
         return True
 
-    def _maybe_prune(self) -> None:
-        now = self._clock()
+    def _maybe_prune(self, now: float) -> None:
         minute = bucket_start(now, FINE_S)
         if minute == self._pruned_at:
             return

@@ -283,15 +283,20 @@ class RouteWindows:
         self._anchor: dict[str, int] = {}  # window -> current bucket start its sum is for
 
     def add_attempt(self, attempt: Attempt, at: float) -> None:
-        sample = sample_of(attempt)
+        delta = Bucket()
+        delta.add_attempt(attempt)
+        self.add_bucket(at, delta)
+
+    def add_bucket(self, at: float, delta: Bucket) -> None:
+        """Fold in what a batch of attempts within one fine bucket (the one `at` is in) added."""
         for key in bucket_keys_for(at):
-            bucket = self.buckets.get(key)  # (not setdefault: it would build a Bucket each time)
+            bucket = self.buckets.get(key)
             if bucket is None:
                 bucket = self.buckets[key] = Bucket()
-            bucket.add_sample(sample)
+            bucket.merge(delta)
             for name, anchor in self._anchor.items():
                 if in_window(key, name, anchor):
-                    self._sums[name].add_sample(sample)
+                    self._sums[name].merge(delta)
 
     def replace(self, key: BucketKey, bucket: Bucket) -> None:
         old = self.buckets.pop(key, None)

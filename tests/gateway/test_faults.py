@@ -24,9 +24,10 @@ LEPTON = "lepton/wizardlm-2-8x22b"
 
 
 def attempts_on(gateway: Gateway, route_id: str) -> tuple[int, int]:
-    """(attempts, failures) the stats store saw for a route in the last 5 minutes."""
+    """(attempts, failures) the stats store recorded for a route in the last 5 minutes."""
 
     async def read() -> tuple[int, int]:
+        await gateway.state.stats.flush()  # what was recorded, folded (stats/memory.py)
         window = gateway.state.stats.route_health(route_id).windows["5m"]
         return window.requests, window.failures
 

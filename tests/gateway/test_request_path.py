@@ -38,6 +38,7 @@ def post(gateway: Gateway, body: dict[str, Any] | bytes) -> tuple[httpx.Response
 
 def health(gateway: Gateway, route_id: str) -> Any:
     async def read() -> Any:
+        await gateway.state.stats.flush()  # every record folded in (stats/memory.py)
         return gateway.state.stats.route_health(route_id)
 
     return gateway.call(read())

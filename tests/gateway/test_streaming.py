@@ -59,6 +59,7 @@ def _content(line: str) -> str:
 
 def attempts_on(gateway: Gateway, route_id: str) -> tuple[int, int]:
     async def read() -> tuple[int, int]:
+        await gateway.state.stats.flush()  # what was recorded, folded (stats/memory.py)
         window = gateway.state.stats.route_health(route_id).windows["5m"]
         return window.requests, window.failures
 

@@ -11,7 +11,7 @@ import dataclasses
 import pickle
 import random
 
-from gateway.stats import Attempt, MemoryStats, RedisStats, StatsOptions
+from gateway.stats import Attempt, MemoryStats, RedisStats, RouteHealth, StatsOptions
 from gateway.stats.memory import MAX_CACHED_HEALTH
 from gateway.stats.windows import FINE_S, bucket_start
 
@@ -119,16 +119,23 @@ async def test_memory_cache_stays_bounded_for_a_runaway_caller() -> None:
     assert store.route_health("real/route").consecutive_failures == 1
 
 
+def circuit_of(health: RouteHealth) -> tuple[object, ...]:
+    return (health.circuit, health.consecutive_failures, health.last_failure_at)
+
+
 async def test_cached_health_always_equals_a_fresh_read(clock: FakeClock) -> None:
     """Random records (some late, some early), clock steps (some backwards, some across
-    cool-downs and minutes) and reads; after each step the store's (cached) answer must equal
-    that of a new store that replays the same records and has never cached anything."""
+    cool-downs and minutes) and reads; after each step the store's (cached) circuit must equal
+    that of a new store that replays the same records and has never cached anything, and so
+    must the whole health once the records folded (a flush; memory.py folds windows at most
+    flush_interval_s late, the circuit never)."""
     options = StatsOptions(failure_threshold=2, cooldown_s=7)
     rng = random.Random(5)
     routes = ["a/x", "b/x", "c/x"]
     store = MemoryStats(options, clock=clock)
     recorded: list[Attempt] = []
-    for _ in range(120):
+    stale = 0  # reads whose windows were behind the records (the fold was not due yet)
+    for _ in range(160):
         action = rng.random()
         if action < 0.45:
             at = clock() + rng.choice([0.0, 0.0, -30.0, -400.0, 20.0])
@@ -136,14 +143,42 @@ async def test_cached_health_always_equals_a_fresh_read(clock: FakeClock) -> Non
             store.record_attempt(attempt)
             recorded.append(attempt)
         elif action < 0.85:
-            clock.advance(rng.choice([0.5, 3.0, 6.9, 7.0, 29.0, 61.0]))
+            clock.advance(rng.choice([0.1, 0.5, 3.0, 6.9, 7.0, 29.0, 61.0]))
         else:
             clock.advance(-rng.choice([0.5, 3.0, 8.0]))
         fresh = MemoryStats(options, clock=clock)
         for attempt in recorded:
             fresh.record_attempt(attempt)
         for route in routes:
-            assert store.route_health(route) == fresh.route_health(route), (route, clock())
+            cached, truth = store.route_health(route), fresh.route_health(route)
+            assert circuit_of(cached) == circuit_of(truth), (route, clock())
+            stale += cached != truth
+        if rng.random() < 0.5:
+            await store.flush()
+            for route in routes:
+                assert store.route_health(route) == fresh.route_health(route), (route, clock())
+    assert stale > 0  # the run did read between folds (else it proves nothing about them)
+
+
+async def test_memory_windows_fold_within_one_flush_interval(clock: FakeClock) -> None:
+    """A success on a healthy route leaves its cached health in place (the request path does
+    not rebuild it); the windows catch up at the next read once flush_interval_s has passed,
+    without a flush. A failure drops the cached health at once, windows included."""
+    store = MemoryStats(StatsOptions(flush_interval_s=0.5), clock=clock)
+    route = "a/x"
+    store.record_attempt(success(route))  # the first record folds at once
+    cached = store.route_health(route)
+    assert cached.windows["5m"].requests == 1
+    store.record_attempt(success(route))
+    clock.advance(0.4)
+    assert store.route_health(route) is cached  # one record behind, within the interval
+    clock.advance(0.1)
+    caught_up = store.route_health(route)
+    assert caught_up is not cached and caught_up.windows["5m"].requests == 2
+    store.record_attempt(fail(route))
+    failed = store.route_health(route)
+    assert failed.consecutive_failures == 1 and failed.windows["5m"].failures == 1
+    assert failed.windows["5m"].requests == 3
 
 
 async def test_a_refresh_from_redis_replaces_the_cached_health(
