@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if TYPE_CHECKING:
     from gateway.settings import Settings
@@ -80,6 +80,14 @@ class ModelSpec(_Strict):
 class CatalogSpec(_Strict):
     providers: dict[str, ProviderSpec]
     models: dict[str, ModelSpec] = Field(min_length=1)
+
+    @field_validator("providers")
+    @classmethod
+    def _printable_names(cls, providers: dict[str, ProviderSpec]) -> dict[str, ProviderSpec]:
+        for name in providers:  # they go into response headers as they are
+            if not (name.isascii() and name.isprintable() and name.strip()):
+                raise ValueError(f"provider name {name!r}: must be printable ASCII")
+        return providers
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,6 +167,9 @@ def build_catalog(data: Any, source: str = "pricing.yaml") -> Catalog:
             provider = spec.providers.get(r.provider)
             if provider is None:
                 raise CatalogError(f"{where}.provider: unknown provider {r.provider!r}")
+            if not (r.slug.isascii() and r.slug.isprintable() and r.slug.strip()):
+                # route ids go into response headers as they are (api/direct_response.py)
+                raise CatalogError(f"{where}.slug: must be printable ASCII, got {r.slug!r}")
             if provider.kind == "local":
                 inp = out = _local_price(provider) if r.input is None else r.input
                 if r.output is not None:

@@ -43,6 +43,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from gateway.api.connection_watch import RECEIVED_AT
+from gateway.api.direct_response import write_whole_response
 from gateway.api.json_depth import nesting_exceeds
 from gateway.api.schemas import validate_request
 from gateway.api.state import GatewayState
@@ -122,21 +123,28 @@ def _headers(route_provider: str, route_id: str, attempts: int, overhead_ms: flo
 
 
 class JSONBodyResponse:
-    """A 200 with a JSON body and our headers, as two ASGI messages (no Response object)."""
+    """A 200 with a JSON body and our headers: in one write where the server is uvicorn
+    (direct_response.py), else as two ASGI messages (no Response object either way)."""
 
     __slots__ = ("content", "headers")
 
     def __init__(self, content: bytes, headers: dict[str, str]):
         self.content = content
-        self.headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
-        self.headers += [
+        self.headers = headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        content = self.content
+        fields = "".join(f"{name}: {value}\r\n" for name, value in self.headers.items())
+        fields += f"content-length: {len(content)}\r\ncontent-type: application/json\r\n"
+        if write_whole_response(send, scope, fields.encode("latin-1"), content):
+            return
+        headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in self.headers.items()]
+        headers += [
             (b"content-length", b"%d" % len(content)),
             (b"content-type", b"application/json"),
         ]
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.content})
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": content})
 
 
 async def serve(

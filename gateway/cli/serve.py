@@ -77,7 +77,7 @@ def serve(
         # uvicorn with our hardened httptools protocol: the server limits from settings (header
         # and body timeouts, header size, connections and in-flight requests), a response in one
         # write, the access log only when its level shows it; N workers on one socket when asked
-        run_server(settings, config_path=config, log_config=log_config)
+        run_server(settings, log_config=log_config)
     except SystemExit as exc:  # uvicorn exits 3 when it cannot start (port taken, bad host)
         if exc.code not in (0, None):
             where = f"{settings.host}:{settings.port}"

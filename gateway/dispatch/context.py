@@ -8,7 +8,6 @@ this module and not on the dispatcher: the two files import in one direction onl
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -67,7 +66,8 @@ class RequestContext:
             raise DeadlinePassed()
         if left >= base.total:
             return base
-        return dataclasses.replace(base, total=left)
+        # (not dataclasses.replace: it reads the fields anew on every call, per request)
+        return PhaseTimeouts(base.connect, base.headers, base.first_token, base.gap, left)
 
 
 class DeadlinePassed(Exception):

@@ -102,6 +102,10 @@ BAD_FILES = [
         "models.small-long.aliases",
     ),
     (lambda d: d.update(models={}), "models"),
+    # names that go into response headers: printable ASCII only (no header injection)
+    (lambda d: _route(d).update(slug="evil\r\nset-cookie: x"), "models.small.routes[0].slug"),
+    (lambda d: _route(d).update(slug="wizardlm-ü"), "models.small.routes[0].slug"),
+    (lambda d: d["providers"].update({"bad\nname": d["providers"]["lepton"]}), "providers"),
 ]
 
 

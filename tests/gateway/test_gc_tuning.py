@@ -14,7 +14,6 @@ from fastapi.testclient import TestClient
 from gateway.api import serving
 from gateway.api.app import create_app
 from gateway.settings import Settings
-from tests.gateway.test_cli import clean_env
 
 
 @pytest.fixture
@@ -47,10 +46,8 @@ def test_serve_tunes_the_collector_after_startup(restored_gc: None) -> None:
     assert served and served[0].tune_gc is True
 
 
-def test_worker_processes_tune_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name, value in clean_env().items():
-        monkeypatch.setenv(name, value)
-    assert serving.worker_app().tune_gc is True
+def test_worker_processes_tune_it_too() -> None:
+    assert serving.worker_app(Settings(workers=2)).tune_gc is True  # what each worker runs
 
 
 def test_an_app_built_elsewhere_leaves_the_collector_alone(restored_gc: None) -> None:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
 
+from gateway.dispatch import RequestContext
 from gateway.errors import UpstreamTimeout
+from providers.base import PhaseTimeouts
 from providers.phase_clock import PhaseClock
 
 
@@ -71,3 +74,14 @@ async def test_stop_ends_the_attempt_but_a_later_wait_is_still_timed() -> None:
     await asyncio.sleep(0.05)  # no timer of this clock cancels anything between waits
     with pytest.raises(UpstreamTimeout):
         await clock.wait(asyncio.sleep(5), "gap", 0.05)
+
+
+def test_an_attempt_gets_what_is_left_of_the_deadline_and_keeps_its_other_phases() -> None:
+    base = PhaseTimeouts(connect=1.5, headers=2.5, first_token=3.5, gap=4.5, total=600.0)
+    ctx = RequestContext(endpoint="chat", client_key="k", started=time.perf_counter())
+    ctx.arm(300.0)
+    cut = ctx.attempt_timeouts(base)
+    assert 299.0 < cut.total <= 300.0
+    # every other field as the base has it, whatever fields PhaseTimeouts grows
+    assert {**dataclasses.asdict(cut), "total": base.total} == dataclasses.asdict(base)
+    assert ctx.attempt_timeouts(PhaseTimeouts(total=100.0)) == PhaseTimeouts(total=100.0)
