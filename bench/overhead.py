@@ -157,12 +157,18 @@ BLOCK = 100  # sequential: consecutive pairs through one gateway before the next
 
 
 def sequential(
-    upstream_port: int, gateways: list[Server], stream: bool, n: int
+    upstream_port: int,
+    gateways: list[Server],
+    stream: bool,
+    n: int,
+    aside: tuple[str, str] | None = None,
 ) -> dict[str, dict[str, float]]:
     """n pairs per gateway (a direct request, then one through the gateway; raw-socket client),
     the gateways taking turns every BLOCK pairs. Blocks rather than one request each in turn: on
     one core, two gateways alternating request by request evict each other's code and data from
-    the core's caches, and both would be measured slower than either runs alone."""
+    the core's caches, and both would be measured slower than either runs alone. `aside`: (the
+    measured core, another): during a block the gateways not measured wait on the other core,
+    so that their idle timers do not run on the measured one."""
     names = [g.name for g in gateways]
     direct = RawClient(upstream_port)
     direct_request = encode_post("127.0.0.1", DIRECT_PATH, body(SLUG, stream))
@@ -179,6 +185,9 @@ def sequential(
     cpu_before = {g.name: g.cpu.seconds() for g in gateways}
     for start in range(0, n, BLOCK):
         for name in names:
+            if aside is not None and len(gateways) > 1:
+                for g in gateways:
+                    repin(g.process.pid, aside[0] if g.name == name else aside[1])
             for _ in range(min(BLOCK, n - start)):
                 before = direct.send(direct_request)
                 timing = clients[name].send(request)
@@ -326,7 +335,8 @@ def main() -> None:
                 os.sched_setaffinity(0, cpu_set(gateway_cpus if shared else others))
             for stream in (False, True):
                 kind = "stream" if stream else "non-stream"
-                rows = sequential(upstream_port, gateways, stream, args.requests)
+                aside = (gateway_cpus, others) if shared and gateway_cpus and others else None
+                rows = sequential(upstream_port, gateways, stream, args.requests, aside)
                 print(title, kind, json.dumps(rows), flush=True)
                 sections += render_sequential(f"Sequential, {kind}, {title}", rows, names)
         if wrk_available():

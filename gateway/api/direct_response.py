@@ -57,7 +57,11 @@ def write_whole_response(send: Any, scope: Any, fields: bytes, body: bytes) -> b
     if not cycle.keep_alive:
         head.append(_CLOSE)
     head += (b"\r\n", body)
-    cycle.transport.write(b"".join(head))
+    transport = cycle.transport
+    transport.write(b"".join(head))
+    flush = getattr(transport, "flush", None)  # http_server.CoalescingTransport: all is here,
+    if flush is not None:  # so out now, not one loop step later
+        flush()
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

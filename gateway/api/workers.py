@@ -17,7 +17,8 @@ taken. It starts N spawned workers, each building its own app from the same `Set
 command-line options reach every worker) with the collector tuned (gc_tuning.py); restarts a
 worker that dies, unless workers keep dying right after starting (a bad setting: exit 3); and
 on SIGINT or SIGTERM stops every worker gracefully (uvicorn's own shutdown: requests in flight
-finish within `timeout_graceful_shutdown`), killing what is left after that.
+finish within `timeout_graceful_shutdown`), killing what is left after that. A worker whose
+supervisor dies (even by SIGKILL) gets SIGTERM from the kernel and stops the same way.
 
 Only processes of the same user can join a SO_REUSEPORT group (Linux), so no other account can
 take a share of the connections.
@@ -25,8 +26,12 @@ take a share of the connections.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
@@ -43,6 +48,7 @@ log = logging.getLogger("gateway.serve")
 
 GRACE_S = 10  # uvicorn's timeout_graceful_shutdown, per worker
 STARTUP_S = 10.0  # a worker that exits sooner than this after starting "died at startup"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:
@@ -85,8 +91,22 @@ def worker_app(settings: Settings) -> Any:
     return app
 
 
-def run_worker(settings: Settings, port: int, log_config: dict[str, Any] | None) -> None:
+def exit_with_parent(parent: int) -> None:
+    """SIGTERM this process when its parent dies (Linux prctl PR_SET_PDEATHSIG), so a
+    supervisor killed with SIGKILL leaves no worker holding the port; exits now when the
+    parent is already gone."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(0)
+
+
+def run_worker(
+    settings: Settings, port: int, log_config: dict[str, Any] | None, parent: int
+) -> None:
     """A worker process: its own socket on the shared port, one uvicorn server on it."""
+    exit_with_parent(parent)
     import uvicorn
 
     options = uvicorn_options(settings)
@@ -112,7 +132,7 @@ class Supervisor:
     def start(self, index: int) -> None:
         process = self.context.Process(
             target=run_worker,
-            args=(self.settings, self.port, self.log_config),
+            args=(self.settings, self.port, self.log_config, os.getpid()),
             name=f"gateway-worker-{index}",
         )
         process.start()

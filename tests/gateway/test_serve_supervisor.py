@@ -111,3 +111,40 @@ def test_a_taken_port_fails_at_once_with_a_clear_message() -> None:
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"127.0.0.1:{port}" in output and "Traceback" not in output
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    serve = Serve(tmp_path, "--workers", "2")
+    try:
+        serve.wait_ready()
+        _wait_for(lambda: len(serve.workers()) == 2)
+        workers = serve.workers()
+        serve.process.kill()  # SIGKILL: nothing of the supervisor's own runs
+        serve.process.wait(timeout=10)
+
+        def gone(pid: int) -> bool:
+            try:
+                return "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0]
+            except OSError:
+                return True
+
+        _wait_for(lambda: all(gone(pid) for pid in workers), timeout_s=30)
+        with socket.socket() as probe:  # nobody holds the port any more
+            assert probe.connect_ex(("127.0.0.1", serve.port)) != 0
+    finally:
+        if serve.process.poll() is None:
+            serve.stop()
+
+
+def test_workers_that_die_at_startup_are_not_restarted_forever() -> None:
+    started = time.monotonic()
+    result = subprocess.run(
+        [*SERVE, "--port", str(_free_port()), "--workers", "2"],
+        env=clean_env(PYTHONPATH=str(ROOT), REDIS_URL="notascheme://nowhere"),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode != 0 and time.monotonic() - started < 30
+    assert "workers keep exiting at startup" in result.stdout + result.stderr
