@@ -40,6 +40,18 @@ def _established_to(port: int) -> set[str]:
     return found
 
 
+def serve_until_exit(port: int, **env: str) -> subprocess.CompletedProcess[str]:
+    """`gateway serve --workers 2` that is expected to exit by itself."""
+    return subprocess.run(
+        [*SERVE, "--port", str(port), "--workers", "2"],
+        env=clean_env(PYTHONPATH=str(ROOT), **env),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 def _wait_for(condition, timeout_s: float = 20.0) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout_s
     while not condition():
@@ -100,14 +112,7 @@ def test_a_taken_port_fails_at_once_with_a_clear_message() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", port))
         taken.listen()
-        result = subprocess.run(
-            [*SERVE, "--port", str(port), "--workers", "2"],
-            env=clean_env(PYTHONPATH=str(ROOT)),
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = serve_until_exit(port)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert f"127.0.0.1:{port}" in output and "Traceback" not in output
@@ -138,13 +143,6 @@ def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
 
 def test_workers_that_die_at_startup_are_not_restarted_forever() -> None:
     started = time.monotonic()
-    result = subprocess.run(
-        [*SERVE, "--port", str(_free_port()), "--workers", "2"],
-        env=clean_env(PYTHONPATH=str(ROOT), REDIS_URL="notascheme://nowhere"),
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    result = serve_until_exit(_free_port(), REDIS_URL="notascheme://nowhere")
     assert result.returncode != 0 and time.monotonic() - started < 30
     assert "workers keep exiting at startup" in result.stdout + result.stderr
