@@ -20,8 +20,9 @@ on SIGINT or SIGTERM stops every worker gracefully (uvicorn's own shutdown: requ
 finish within `timeout_graceful_shutdown`), killing what is left after that. A worker whose
 supervisor dies (even by SIGKILL) gets SIGTERM from the kernel and stops the same way.
 
-Only processes of the same user can join a SO_REUSEPORT group (Linux), so no other account can
-take a share of the connections.
+Only processes of the same user can join a SO_REUSEPORT group, so no other account can take a
+share of the connections. Linux: elsewhere SO_REUSEPORT does not balance (macOS) or does not
+exist (Windows); run one worker per container or host there.
 """
 
 from __future__ import annotations
