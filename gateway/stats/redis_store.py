@@ -12,6 +12,10 @@ never missing or double counting this process's records.
 
 Health = snapshot (what Redis said at the last tick) + overlay (the batch in flight and the
 buffer), so a process sees its own records at once and everyone's within ~refresh_interval_s.
+A route's health is cached: a record that changes its circuit drops it at once; a success on a
+route without failures (what the request path records on every request) leaves it to the next
+tick that reads the route (every refresh_interval_s; with Redis away, the minute's end), so
+the windows routing sorts by are at most that old while the circuit is never behind.
 
 Redis down: ticks fail fast (socket timeouts), `connected` turns False, records keep folding
 into the bounded buffer and the in-flight batch is resent unchanged on each tick until Redis
@@ -101,8 +105,8 @@ class RedisStats(RedisSync):
         self._pending = PendingDeltas()
         self._sealed: SealedBatch | None = None
         self._snapshot = Snapshot(self._keys)
-        # route -> (health, valid from, valid until): dropped on every record of the route and
-        # on every tick that changes what the route's health is made of (see _absorb)
+        # route -> (health, valid from, valid until): dropped on a record that changes the
+        # route's circuit and on every tick that reads the route (see _absorb; module doc)
         self._health: dict[str, HealthEntry] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -130,7 +134,10 @@ class RedisStats(RedisSync):
             if self.observer is not None:
                 self.observer.attempt(attempt)
             self._pending.add_attempt(attempt, at, with_samples=self._room_for_samples())
-            self._health.pop(route, None)
+            entry = self._health.get(route)
+            if entry is not None and not (attempt.ok and entry[0].consecutive_failures == 0):
+                del self._health[route]  # the circuit changes (a success on a healthy route
+                # leaves the windows to the next tick: module doc)
         except Exception as exc:  # a stats bug must never fail a request
             self.metrics.record_errors.inc()
             warn_not_recorded("attempt", exc)

@@ -1,6 +1,7 @@
 """route_health() is a cached read (the router calls it for every candidate of every request):
-these tests prove the cache is dropped exactly when what a health is made of changes, i.e. a
-cached answer is always the one a fresh read would give. Each test first shows the cache is in
+these tests prove the cache is dropped when what a health is made of changes: at once for the
+circuit, by the store's next tick for the windows (a success on a healthy route, recorded on
+every request, does not make the next request rebuild it). Each test first shows the cache is in
 use (`is` the same object), then changes one input: a record of the route, a tick that reads
 Redis (another process's records), the clock crossing a circuit's cool-down, the clock crossing
 a minute (windows slide)."""
@@ -27,14 +28,26 @@ def success(route: str, at: float | None = None) -> Attempt:
     return Attempt(route, ok=True, latency_s=0.5, ttft_s=0.1, completion_tokens=40, at=at)
 
 
-async def test_a_record_replaces_the_cached_health_at_once(make_store: StoreFactory) -> None:
+async def test_a_record_replaces_the_cached_health_at_once_or_by_the_next_tick(
+    make_store: StoreFactory,
+) -> None:
+    """A record that changes the circuit (a failure; a success after failures) replaces the
+    cached health at once. A success on a healthy route, which the request path records on
+    every request, leaves it in place until the store's next tick (in memory a fold, in Redis
+    a flush and refresh), whose health then includes it."""
     store = make_store(failure_threshold=3, cooldown_s=30)
     route, other = "deepinfra/w", "lepton/w"
     before = store.route_health(route)
     assert store.route_health(route) is before  # served from the cache
     store.record_attempt(success(route))
+    await settle(store)
     after = store.route_health(route)
     assert after is not before and after.windows["5m"].requests == 1
+    store.record_attempt(success(route))
+    assert store.route_health(route) is after  # the circuit did not change: not rebuilt yet
+    await settle(store)
+    after = store.route_health(route)
+    assert after.windows["5m"].requests == 2
     assert store.route_health(route) is after
     store.record_attempt(success(other))  # another route's record leaves this entry alone
     assert store.route_health(route) is after
@@ -43,10 +56,11 @@ async def test_a_record_replaces_the_cached_health_at_once(make_store: StoreFact
         assert store.route_health(route).circuit == expected  # no flush, no refresh needed
     health = store.route_health(route)
     assert health.circuit_open and health.consecutive_failures == 3
-    assert health.windows["5m"].requests == 4 and health.windows["5m"].failures == 3
+    assert health.windows["5m"].requests == 5 and health.windows["5m"].failures == 3
     store.record_attempt(success(route))
     health = store.route_health(route)
     assert health.circuit == "closed" and health.consecutive_failures == 0
+    assert health.windows["5m"].requests == 6
     assert store.route_health(other).windows["5m"].requests == 1
 
 
