@@ -6,9 +6,10 @@
 Cases (µs per call, median over --samples samples of --calls calls):
 - record_attempt / record_usage on the in-memory and the Redis store (the Redis one never does
   I/O here: that is the point), Prometheus counters included;
-- route_health: cached (nothing recorded since the last read: the router's usual case), for a
-  route never seen (cached too), right after a record of the same route (the cached health is
-  dropped and rebuilt; windows are computed lazily) and with one window read;
+- route_health: cached (nothing recorded since the last read), for a route never seen (cached
+  too), right after a success on a healthy route (the request path's usual case: the cached
+  health stays until the store's next tick), right after a failure (the circuit changes: the
+  cached health is dropped and rebuilt; windows are computed lazily) and with one window read;
 - reference: json.loads of a short chat body, which every request pays anyway.
 Flush (needs Redis at --redis-url, DB 13, a prefix of its own, deleted afterwards): the time to
 persist N attempts + N usages as one batch (one round trip, the store's flush) against the same
@@ -79,15 +80,20 @@ def store_cases(
     counter = iter(range(10**9))
 
     def record_then_read() -> RouteHealth:
-        store.record_attempt(attempt(0))
+        store.record_attempt(attempt(0))  # a failure: the circuit changes
         return store.route_health(ROUTES[0])
+
+    def success_then_read() -> RouteHealth:
+        store.record_attempt(attempt(1))  # ROUTES[1] never fails: the circuit stays closed
+        return store.route_health(ROUTES[1])
 
     return [
         (f"{name}: record_attempt", lambda: store.record_attempt(attempt(next(counter)))),
         (f"{name}: record_usage", lambda: store.record_usage(usage(next(counter)))),
         (f"{name}: route_health, cached", lambda: store.route_health(ROUTES[0])),
         (f"{name}: route_health, route never seen", lambda: store.route_health("never/seen")),
-        (f"{name}: record_attempt + route_health", record_then_read),
+        (f"{name}: record a success + route_health (the usual request)", success_then_read),
+        (f"{name}: record a failure + route_health", record_then_read),
         (f"{name}: the same + read the 30m window", lambda: record_then_read().windows["30m"]),
     ]
 
