@@ -27,7 +27,15 @@ from gateway.prices import PriceBook
 from gateway.routing import Availability, Router
 from gateway.routing.prompt import PromptText
 from gateway.settings import DEFAULT_CONFIG, HOSTED_PROVIDERS, Settings
-from gateway.stats.base import Attempt, RouteHealth, Usage, UsageTotals, WindowStats
+from gateway.stats.base import (
+    Attempt,
+    RecordObserver,
+    RouteHealth,
+    SeriesPoint,
+    Usage,
+    UsageTotals,
+    WindowStats,
+)
 
 REDIS_TEST_DB = 11
 REDIS_URL = f"redis://127.0.0.1:6379/{REDIS_TEST_DB}"
@@ -139,6 +147,8 @@ def health(
 class FakeStats:
     """A StatsStore whose health answers are set by the test."""
 
+    observer: RecordObserver | None = None
+
     def __init__(self, healths: dict[str, RouteHealth] | None = None):
         self.healths = dict(healths or {})
         self.usage_totals: dict[str, dict[str, UsageTotals]] = {}
@@ -154,6 +164,9 @@ class FakeStats:
 
     async def usage(self, *, by: str, day: str | None = None) -> dict[str, UsageTotals]:
         return self.usage_totals.get(by, {})
+
+    async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
+        return {route: [] for route in route_ids}
 
     async def start(self) -> None:
         pass
