@@ -42,6 +42,7 @@ from overhead import (  # noqa: E402
     body,
     cpu_name,
     free_port,
+    gateway_env,
     wait_answering,
 )
 
@@ -49,15 +50,7 @@ START, END = "<!-- overhead_instructions:start -->", "<!-- overhead_instructions
 
 
 def start_under_callgrind(checkout: Path, upstream_port: int, out_dir: Path) -> Server:
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
-    for key in ("REDIS_URL", "GATEWAY_API_KEYS", "GATEWAY_ADMIN_TOKEN", "LOCAL_MODEL_DIR"):
-        env.pop(key, None)
-    env.update(
-        LEPTON_API_KEY="sk-bench-0123456789",
-        LEPTON_BASE_URL=f"http://127.0.0.1:{upstream_port}/lepton/v1",
-        LOG_LEVEL="warning",
-        PYTHONPATH=str(checkout),
-    )
+    env = gateway_env(checkout, upstream_port)
     port = free_port()
     command = [
         "valgrind",

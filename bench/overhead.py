@@ -15,10 +15,9 @@ the sequential cases, `wrk` for the concurrent ones. Core layouts (stated in the
     client on core 1. Through the gateway a request then wakes an idle core four times, directly
     never (the client and the upstream share core 1): on a VM each such wake-up of an idle
     vCPU costs tens of µs and cold caches, which the added figure then includes;
-  * concurrent: the gateway alone on core 0; the upstream and wrk on the other cores; for the
-    `--workers 2` case the gateway may use cores 0 and 1.
-Each case runs every target in alternation (sequential: request by request; wrk: round by
-round), so drift in the machine's load hits all alike, and reports ratios from the same run.
+  * concurrent: the gateway alone on core 0, the upstream and wrk on the others (`--workers 2`:
+    the gateway on cores 0 and 1). Targets alternate (sequential: blocks of 100 pairs; wrk:
+    round by round), so the machine's drift hits all alike: ratios come from one run.
 
 Figures: latency p50/p99 (request sent -> last byte; for streams also the first byte), "added"
 = gateway - direct; the median of per-pair differences (each gateway request beside the direct
@@ -124,9 +123,8 @@ class Server:
         self.process.wait(timeout=20)
 
 
-def start_gateway(
-    name: str, checkout: Path, upstream_port: int, cpus: str | None, workers: int = 1
-) -> Server:
+def gateway_env(checkout: Path, upstream_port: int) -> dict[str, str]:
+    """`checkout`'s gateway: the Lepton route alone, on the fake upstream; in-memory stats."""
     env = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_BASE_URL"))}
     for key in ("REDIS_URL", "GATEWAY_API_KEYS", "GATEWAY_ADMIN_TOKEN", "LOCAL_MODEL_DIR"):
         env.pop(key, None)
@@ -136,6 +134,13 @@ def start_gateway(
         LOG_LEVEL="warning",
         PYTHONPATH=str(checkout),
     )
+    return env
+
+
+def start_gateway(
+    name: str, checkout: Path, upstream_port: int, cpus: str | None, workers: int = 1
+) -> Server:
+    env = gateway_env(checkout, upstream_port)
     port = free_port()
     command = [*pin(cpus), sys.executable, "-m", "gateway.cli", "serve", "--port", str(port)]
     if workers > 1:
@@ -378,8 +383,7 @@ def workers_case(
     ratio = rows["2 workers"]["rps"] / rows["1 worker"]["rps"]
     title = f"`--workers 2` vs one worker, non-stream, gateway on cores {cpus}: {ratio:.2f}x"
     out = render_concurrent(title, rows, ["1 worker", "2 workers"])
-    # Each keep-alive connection stays with the worker that accepted it: the busiest worker's
-    # share of the work bounds what two free cores could give (1 / share).
+    # A keep-alive connection stays with its worker: the busiest one's share bounds the scaling
     used = sorted((after[p] - before.get(p, 0.0) for p in list(after)[1:]), reverse=True)[:2]
     if len(used) == 2 and sum(used) > 0:
         share = used[0] / sum(used)

@@ -126,11 +126,10 @@ class Supervisor:
     def __init__(self, settings: Settings, port: int, log_config: dict[str, Any] | None):
         self.settings, self.port, self.log_config = settings, port, log_config
         self.context = multiprocessing.get_context("spawn")
-        self.workers: list[BaseProcess] = []
-        self.started_at: list[float] = []
+        self.workers: list[tuple[BaseProcess, float]] = []  # (process, monotonic start time)
         self.stopping = threading.Event()
 
-    def start(self, index: int) -> None:
+    def start(self, index: int) -> tuple[BaseProcess, float]:
         process = self.context.Process(
             target=run_worker,
             args=(self.settings, self.port, self.log_config, os.getpid()),
@@ -138,22 +137,17 @@ class Supervisor:
         )
         process.start()
         log.info("worker %d started (pid %s)", index, process.pid)
-        if index < len(self.workers):
-            self.workers[index], self.started_at[index] = process, time.monotonic()
-        else:
-            self.workers.append(process)
-            self.started_at.append(time.monotonic())
+        return process, time.monotonic()
 
     def run(self) -> int:
         """Until SIGINT or SIGTERM; the exit status (3: workers kept dying at startup)."""
-        for index in range(self.settings.workers):
-            self.start(index)
+        self.workers = [self.start(index) for index in range(self.settings.workers)]
         quick_deaths = 0
         while not self.stopping.wait(0.25):
-            for index, process in enumerate(self.workers):
+            for index, (process, started_at) in enumerate(self.workers):
                 if process.is_alive():
                     continue
-                lived = time.monotonic() - self.started_at[index]
+                lived = time.monotonic() - started_at
                 quick_deaths = quick_deaths + 1 if lived < STARTUP_S else 0
                 if quick_deaths > self.settings.workers:
                     log.error("workers keep exiting at startup (see above): stopping")
@@ -166,16 +160,17 @@ class Supervisor:
                     process.exitcode,
                     lived,
                 )
-                self.start(index)
+                self.workers[index] = self.start(index)
         self.stop()
         return 0
 
     def stop(self) -> None:
-        for process in self.workers:
+        processes = [process for process, _ in self.workers]
+        for process in processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: uvicorn's graceful shutdown
         deadline = time.monotonic() + GRACE_S + 5
-        for process in self.workers:
+        for process in processes:
             process.join(max(0.0, deadline - time.monotonic()))
             if process.is_alive():
                 log.warning("worker pid %s did not stop in time: killed", process.pid)

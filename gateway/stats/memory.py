@@ -145,7 +145,8 @@ class MemoryStats:
     def record_attempt(self, attempt: Attempt) -> None:
         try:
             route = check_route(attempt.route_id)
-            at = event_time(attempt.at, self._clock)
+            now = self._clock()
+            at = now if attempt.at is None else event_time(attempt.at, self._clock)
             if route not in self._windows:
                 if len(self._windows) >= MAX_ROUTES:
                     raise ValueError("too many distinct routes")
@@ -165,8 +166,8 @@ class MemoryStats:
             if not (attempt.ok and circuit.consecutive_failures == 0):  # else nothing changes
                 self._circuits[route] = circuit.apply(CircuitDelta.of(attempt.ok, at))
                 self._health.pop(route, None)
-            if self._fold_due(self._clock()):
-                self._fold()
+            if self._fold_due(now):
+                self._fold(now)
         except Exception as exc:  # a stats bug must never fail a request
             self.metrics.record_errors.inc()
             warn_not_recorded("attempt", exc)
@@ -175,9 +176,9 @@ class MemoryStats:
         """flush_interval_s has passed since the last fold (or the clock went back past it)."""
         return not self._folded_at <= now < self._folded_at + self.options.flush_interval_s
 
-    def _fold(self) -> None:
+    def _fold(self, now: float) -> None:
         """The accumulators into the windows (module doc); their routes' healths rebuild."""
-        now = self._folded_at = self._clock()
+        self._folded_at = now
         unfolded, self._unfolded = self._unfolded, {}
         for route, minutes in unfolded.items():
             windows = self._windows[route]
@@ -206,12 +207,12 @@ class MemoryStats:
         it holds for (see circuit.health_entry) and no fold is due, else rebuilt once."""
         now = self._clock()
         if self._unfolded and self._fold_due(now):
-            self._fold()
+            self._fold(now)
         entry = self._health.get(route_id)
         if entry is not None and entry[1] <= now < entry[2]:
             return entry[0]
         if route_id in self._unfolded:
-            self._fold()  # a health built now holds until the next fold: from every record
+            self._fold(now)  # a health built now holds until the next fold: from every record
         return self._build_health(route_id, now)
 
     def _build_health(self, route_id: str, now: float) -> RouteHealth:
@@ -228,12 +229,12 @@ class MemoryStats:
 
     def all_health(self) -> list[RouteHealth]:
         if self._unfolded:
-            self._fold()
+            self._fold(self._clock())
         return [self.route_health(route) for route in sorted(self._windows)]
 
     async def history(self, route_ids: list[str], span: str) -> dict[str, list[SeriesPoint]]:
         if self._unfolded:
-            self._fold()
+            self._fold(self._clock())
         keys = series_keys(span, self._clock())
         out: dict[str, list[SeriesPoint]] = {}
         for route in route_ids:
@@ -254,7 +255,7 @@ class MemoryStats:
 
     async def flush(self) -> None:
         if self._unfolded:
-            self._fold()
+            self._fold(self._clock())
 
     async def refresh(self) -> None:
         return None

@@ -29,15 +29,20 @@ def _socket_inodes(pid: int) -> set[str]:
     return inodes
 
 
-def _established_to(port: int) -> set[str]:
-    """Socket inodes of the server side of the established connections to `port`."""
+def _sockets_on(port: int, state: str) -> set[str]:
+    """Socket inodes bound to local `port` in a TCP state ("01" established, "0A" listening)."""
     found = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         for line in Path(table).read_text().splitlines()[1:]:
             fields = line.split()
-            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == state:
                 found.add(fields[9])
     return found
+
+
+def _established_to(port: int) -> set[str]:
+    """Socket inodes of the server side of the established connections to `port`."""
+    return _sockets_on(port, "01")
 
 
 def serve_until_exit(port: int, **env: str) -> subprocess.CompletedProcess[str]:
@@ -79,6 +84,21 @@ def test_connections_spread_over_every_worker(tmp_path: Path) -> None:
             client.close()
         text = serve.stop()
     assert "Traceback" not in text
+
+
+def test_each_worker_listens_on_a_socket_of_its_own(tmp_path: Path) -> None:
+    """SO_REUSEPORT: one listening socket per worker, so the kernel balances between them
+    (uvicorn's supervisor shares a single one, which every worker races to accept from)."""
+    serve = Serve(tmp_path, "--workers", "3")
+    try:
+        serve.wait_ready()
+        _wait_for(lambda: len(serve.workers()) == 3)
+        listening = _sockets_on(serve.port, "0A")
+        owned = [_socket_inodes(pid) & listening for pid in serve.workers()]
+        assert [len(inodes) for inodes in owned] == [1, 1, 1], owned
+        assert len(set.union(*owned)) == 3  # three different sockets
+    finally:
+        serve.stop()
 
 
 def test_a_dead_worker_is_replaced_and_the_port_keeps_answering(tmp_path: Path) -> None:
